@@ -1,0 +1,1 @@
+"""posconv: where-aware convolutions (coordinate bias, CoordConv) and the study around them."""

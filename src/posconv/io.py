@@ -1,0 +1,59 @@
+"""Atomic writes and safe loads: a stage leaves either its whole output or nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from posconv.errors import BadInput
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextmanager
+def atomic_outputs(*paths: str | Path) -> Iterator[list[Path]]:
+    """Yield temporary siblings of `paths`; rename them all into place only if the block succeeds.
+
+    A failure (or Ctrl-C) inside the block removes the temporaries and leaves the old outputs alone.
+    """
+    finals = [Path(p) for p in paths]
+    temps = [p.with_name(f".{p.name}.tmp{os.getpid()}") for p in finals]
+    for final, temp in zip(finals, temps, strict=True):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove(temp)
+    try:
+        yield temps
+    except BaseException:
+        for temp in temps:
+            _remove(temp)
+        raise
+    for final, temp in zip(finals, temps, strict=True):
+        _remove(final)
+        temp.rename(final)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write `data` as indented JSON, atomically."""
+    with atomic_outputs(path) as (temp,):
+        temp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Load a JSON file, turning a missing or corrupt file into one clear `BadInput` line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"{path}: file not found (run the stage that writes it first)") from None
+    except (OSError, ValueError) as error:
+        raise BadInput(f"{path}: not readable JSON ({error})") from None
