@@ -77,6 +77,7 @@ class TrainParams:
     schedule: Literal["none", "cosine"]
     precision: Literal["auto", "fp32", "bf16"]
     channels_last: bool
+    val_every: int = _range(1)
 
 
 @dataclass(frozen=True)
@@ -107,16 +108,11 @@ class Params:
     def __post_init__(self) -> None:
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise BadInput(f"device = {self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
-        fractions = {
-            "train": 1 - self.split.val - self.split.test,
-            "val": self.split.val,
-            "test": self.split.test,
-        }
-        for name, fraction in fractions.items():
-            if round(self.generate.images * fraction) < 1:
+        for name, count in self.split_sizes().items():
+            if count < 1:
                 raise BadInput(
                     f"generate.images = {self.generate.images}: too few for split {name} "
-                    f"(fraction {fraction:g} gives no image)"
+                    f"(split.val = {self.split.val:g}, split.test = {self.split.test:g} leave it no image)"
                 )
 
     def split_sizes(self) -> dict[str, int]:

@@ -1,0 +1,33 @@
+"""The headline: the layer under study against vanilla, from evaluation and training metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from posconv.metrics import position_recall
+
+# headline key -> how to read it from (evaluation metrics, training metrics) of one model
+HEADLINE: dict[str, Callable[[dict, dict], float | None]] = {
+    "miou": lambda evaluation, training: evaluation["miou"],
+    "position_recall": lambda evaluation, training: position_recall(evaluation["recall"]),
+    "position_error_rate": lambda evaluation, training: evaluation["position_error_rate"],
+    "circle_accuracy": lambda evaluation, training: evaluation["circle_accuracy"],
+    "steps_to_position_recall_0_9": lambda evaluation, training: training["steps_to_position_recall_0_9"],
+    "parameters": lambda evaluation, training: training["parameters"],
+    "train_images_per_s": lambda evaluation, training: training["train_images_per_s"],
+    "inference_images_per_s": lambda evaluation, training: evaluation["inference_images_per_s"],
+}
+
+
+def headline(layer: str, evaluation: dict[str, dict], training: dict[str, dict]) -> dict:
+    """For each headline quantity: vanilla's value, the layer's, and the layer's minus vanilla's."""
+    summary: dict = {"layer": layer}
+    for key, read in HEADLINE.items():
+        base, value = (read(evaluation[m], training[m]) for m in ("vanilla", layer))
+        difference = None if base is None or value is None else value - base
+        summary[key] = {"vanilla": base, layer: value, "difference": difference}
+    summary["parameter_overhead"] = summary["parameters"]["difference"] / summary["parameters"]["vanilla"]
+    summary["train_time_ratio"] = (
+        summary["train_images_per_s"]["vanilla"] / summary["train_images_per_s"][layer]
+    )
+    return summary

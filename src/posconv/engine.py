@@ -1,0 +1,247 @@
+"""Training and inference loops. Data sits in memory (on the GPU when training there) as uint8 and
+is batched by indexing, so there is no per-sample loader cost. Knows nothing of DVC: progress
+goes to a `TrainLog`.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from posconv.config import TrainParams
+from posconv.errors import BadInput
+from posconv.metrics import N_CLASSES, class_scores, position_recall
+
+FLUSH_EVERY = 25  # steps between host syncs for logging and the finite-loss check
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` takes CUDA, then MPS, then the CPU; a named device that is absent is a bad param."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    device = torch.device(name)
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }[device.type]
+    if not available:
+        raise BadInput(f"device = {name!r}: not available on this machine (use auto or cpu)")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast | nullcontext:
+    """bfloat16 autocast for `bf16`, and for `auto` on CUDA; plain float32 otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Images `uint8 (N, H, W, 3)` and labels `uint8 (N, H, W)` as tensors on one device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, device: torch.device) -> LabelledImages:
+        return cls(
+            torch.from_numpy(np.ascontiguousarray(images)).to(device),
+            torch.from_numpy(np.ascontiguousarray(labels)).to(device),
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def to_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 NHWC to float NCHW in [0, 1]; the NHWC bytes already are the channels_last layout."""
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    return x if channels_last else x.contiguous()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, batch_size: int, precision: str, channels_last: bool
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield (rows, float32 logits) over `images` in batches, in eval mode without autograd."""
+    model.eval()
+    with torch.inference_mode(), autocast(images.device, precision):
+        for start in range(0, len(images), batch_size):
+            rows = slice(start, start + batch_size)
+            yield rows, model(to_input(images[rows], channels_last)).float()
+
+
+def validate(
+    model: nn.Module, data: LabelledImages, batch_size: int, precision: str, channels_last: bool
+) -> dict:
+    """Mean loss, per-class recall and mIoU on `data`."""
+    loss, confusion = torch.zeros((), device=data.images.device), 0
+    for rows, logits in predict_logits(model, data.images, batch_size, precision, channels_last):
+        labels = data.labels[rows].long()
+        loss += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        pairs = labels * N_CLASSES + logits.argmax(1)
+        confusion = confusion + torch.bincount(pairs.flatten(), minlength=N_CLASSES**2)
+    scores = class_scores(confusion.reshape(N_CLASSES, N_CLASSES).cpu().numpy())
+    return {
+        "loss": loss.item() / data.labels.numel(),
+        "recall": scores["recall"],
+        "miou": scores["miou"],
+        "position_recall": position_recall(scores["recall"]),
+    }
+
+
+def predict(
+    model: nn.Module, images: torch.Tensor, batch_size: int, precision: str, channels_last: bool
+) -> tuple[np.ndarray, float]:
+    """Predicted classes `uint8 (N, H, W)` on the host, and inference throughput in images/s."""
+    predictions = torch.empty(images.shape[:3], dtype=torch.uint8, device=images.device)
+    started = time.perf_counter()
+    for rows, logits in predict_logits(model, images, batch_size, precision, channels_last):
+        predictions[rows] = logits.argmax(1)
+    _synchronize(images.device)
+    seconds = time.perf_counter() - started
+    return predictions.cpu().numpy(), len(images) / seconds
+
+
+class TrainLog(Protocol):
+    def train_loss(self, step: int, loss: float) -> None: ...
+    def validation(self, step: int, scores: dict) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    images: int = 0
+    train_seconds: float = 0.0
+    final_train_loss: float = math.nan
+    validations: list[tuple[int, dict]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.train_seconds
+
+
+def make_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), params.lr, momentum=params.momentum, weight_decay=params.weight_decay
+        )
+    optimizer = torch.optim.Adam if params.optimizer == "adam" else torch.optim.AdamW
+    return optimizer(model.parameters(), params.lr, weight_decay=params.weight_decay)
+
+
+def make_schedule(
+    optimizer: torch.optim.Optimizer, params: TrainParams, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if params.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+class _LossBuffer:
+    """Per-step losses kept on the device and handed to the log in bulk, so steps never wait for the host."""
+
+    def __init__(self, log: TrainLog) -> None:
+        self.log, self.first_step, self.losses = log, 0, []
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        if not self.losses:
+            self.first_step = step
+        self.losses.append(loss.detach())
+
+    def flush(self) -> float:
+        values = torch.stack(self.losses).float().tolist() if self.losses else []
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                raise BadInput(
+                    f"training loss is {value} at step {self.first_step + offset}: try a lower train.lr"
+                )
+            self.log.train_loss(self.first_step + offset, value)
+        self.losses = []
+        return values[-1] if values else math.nan
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: LabelledImages,
+    rows: torch.Tensor,
+    params: TrainParams,
+) -> torch.Tensor:
+    """One optimisation step on `rows` of `data`; returns the loss, still on the device."""
+    model.train()
+    with autocast(data.images.device, params.precision):
+        logits = model(to_input(data.images[rows], params.channels_last))
+        loss = nn.functional.cross_entropy(logits.float(), data.labels[rows].long())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def train(
+    model: nn.Module,
+    train_data: LabelledImages,
+    val_data: LabelledImages,
+    params: TrainParams,
+    log: TrainLog,
+    val_every: int,
+    val_batch_size: int,
+) -> TrainResult:
+    """Train with cross-entropy; validate every `val_every` steps and after the last step.
+
+    Training time excludes validation, so throughput measures the training loop alone.
+    """
+    device = train_data.images.device
+    total_steps = params.epochs * math.ceil(len(train_data) / params.batch_size)
+    optimizer = make_optimizer(model, params)
+    schedule = make_schedule(optimizer, params, total_steps)
+    order_rng = torch.Generator().manual_seed(params.seed)
+    result, buffer = TrainResult(), _LossBuffer(log)
+    bar = tqdm(total=params.epochs * len(train_data), unit="img", desc="train", disable=None)  # terminal only
+    with bar:
+        clock = time.perf_counter()
+        for _ in range(params.epochs):
+            order = torch.randperm(len(train_data), generator=order_rng).to(device)
+            for rows in order.split(params.batch_size):
+                buffer.add(result.steps, train_step(model, optimizer, train_data, rows, params))
+                schedule.step()
+                result.steps, result.images = result.steps + 1, result.images + len(rows)
+                bar.update(len(rows))
+                validate_now = result.steps % val_every == 0 or result.steps == total_steps
+                if validate_now or result.steps % FLUSH_EVERY == 0:
+                    result.final_train_loss = buffer.flush()
+                    bar.set_postfix(loss=f"{result.final_train_loss:.4f}", refresh=False)
+                if validate_now:
+                    _synchronize(device)
+                    result.train_seconds += time.perf_counter() - clock
+                    scores = validate(model, val_data, val_batch_size, params.precision, params.channels_last)
+                    result.validations.append((result.steps, scores))
+                    log.validation(result.steps, scores)
+                    clock = time.perf_counter()
+    return result
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,107 @@
+"""The seed study's fully convolutional network, with position-aware layers from one factory.
+
+Encoder "VGG9" `[w, w, M, 2w, 2w, M, 4w, 4w, M]`; decoder of three stride-2 transposed convolutions
+with additive skips from the 1/4 and 1/2 resolution encoder outputs and BatchNorm; 1x1 classifier.
+The model picks a layer *name* per convolution and never looks at the layer's type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from posconv.errors import BadInput
+from posconv.io import atomic_outputs
+from posconv.layers import make_conv
+
+N_CLASSES = 4
+ENCODER_STAGES = ((1, 1), (2, 2), (4, 4))  # channel multiples of w; each stage ends in a 2x2 max pool
+DOWNSAMPLING = 2 ** len(ENCODER_STAGES)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a network: saved beside its weights."""
+
+    layer: str
+    width: int
+    encoder_batchnorm: bool = False
+    placement: str = "encoder"  # encoder | all | first
+    coords: str = "centered"
+    with_r: bool = False
+
+
+class FCN(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        w = spec.width
+        blocks, in_channels, index = [], 3, 0
+        for multiples in ENCODER_STAGES:
+            layers: list[nn.Module] = []
+            for multiple in multiples:
+                layers += self._encoder_conv(index, in_channels, multiple * w)
+                in_channels, index = multiple * w, index + 1
+            blocks.append(nn.Sequential(*layers, nn.MaxPool2d(2)))
+        self.encoder = nn.ModuleList(blocks)
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1)
+            for c_in, c_out in ((4 * w, 2 * w), (2 * w, w), (w, w // 2))
+        )
+        self.norm = nn.ModuleList(nn.BatchNorm2d(c) for c in (2 * w, w, w // 2))
+        self.classifier = self._conv("all", in_channels=w // 2, out_channels=N_CLASSES, kernel_size=1)
+
+    def _conv(self, needs: str | tuple[str, ...], **shape: int) -> nn.Conv2d:
+        """A convolution that is position-aware when `spec.placement` is one of `needs`."""
+        aware = self.spec.placement in ((needs,) if isinstance(needs, str) else needs)
+        name = self.spec.layer if aware else "vanilla"
+        return make_conv(name, coords=self.spec.coords, with_r=self.spec.with_r, **shape)
+
+    def _encoder_conv(self, index: int, c_in: int, c_out: int) -> list[nn.Module]:
+        needs = ("encoder", "all", "first") if index == 0 else ("encoder", "all")
+        conv = self._conv(needs, in_channels=c_in, out_channels=c_out, kernel_size=3, padding=1)
+        norm = [nn.BatchNorm2d(c_out)] if self.spec.encoder_batchnorm else []
+        return [conv, *norm, nn.ReLU(inplace=True)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits `(N, 4, H, W)` for any H, W: padded at the bottom/right to a multiple of 8, then cropped."""
+        height, width = x.shape[-2:]
+        pad_height, pad_width = -height % DOWNSAMPLING, -width % DOWNSAMPLING
+        if pad_height or pad_width:
+            x = nn.functional.pad(x, (0, pad_width, 0, pad_height))
+        return self._forward(x)[..., :height, :width]
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.encoder[0](x)
+        quarter = self.encoder[1](half)
+        y = self.encoder[2](quarter)
+        for up, norm, skip in zip(self.up, self.norm, (quarter, half, None), strict=True):
+            y = torch.relu(up(y))
+            y = norm(y if skip is None else y + skip)
+        return self.classifier(y)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(model: FCN, path: str | Path) -> None:
+    """Save the state dict with the spec that built it, atomically."""
+    with atomic_outputs(path) as (temp,):
+        torch.save({"spec": asdict(model.spec), "state_dict": model.state_dict()}, temp)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> FCN:
+    """Rebuild a saved model; `weights_only=True` so a model file cannot run code."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        model = FCN(ModelSpec(**saved["spec"]))
+        model.load_state_dict(saved["state_dict"])
+    except FileNotFoundError:
+        raise BadInput(f"{path}: model file not found (run its train stage first)") from None
+    except Exception as error:  # a corrupt or foreign file can fail in many ways inside torch
+        raise BadInput(f"{path}: not a posconv model file ({type(error).__name__}: {error})") from None
+    return model.to(device)

@@ -1,0 +1,159 @@
+"""Stage `report`: `plots/report.md`, the study on one page. Every number is read from metrics files."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+from posconv.cli import run
+from posconv.config import LAYERS, Params, load_params
+from posconv.io import atomic_outputs, read_json
+from posconv.metrics import position_recall
+
+logger = logging.getLogger(__name__)
+REPORT = "plots/report.md"
+MARGIN = 0.05  # a position-recall difference smaller than this is not called a gain or a loss
+CLASSES = ("0 background", "1 yellow right", "2 yellow left", "3 red bottom")
+FIGURES = {
+    "Training loss (per step) and validation loss": "evaluate/losses.png",
+    "Test recall per class (the seed's figure)": "evaluate/recall.png",
+    "Pixel confusion matrices (rows: true class, normalised)": "evaluate/confusion.png",
+    "Where each model fails: circle accuracy against centre position": "evaluate/position.png",
+    "Test images: input, label, and each model's prediction": "evaluate/predictions.png",
+    "Data preview: image and label": "data/preview.png",
+}
+
+
+def fmt(value: float | int | str | None) -> str:
+    """One number format for the whole report (the report test uses it too)."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool | str):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [
+        "| " + " | ".join(fmt(cell) if not isinstance(cell, str) else cell for cell in row) + " |"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def params_section(params: Params, data: dict) -> str:
+    groups = {name: asdict(getattr(params, name)) for name in ("generate", "split", "model", "train")}
+    rows = [
+        [f"`{group}.{key}`", fmt(value)] for group, values in groups.items() for key, value in values.items()
+    ]
+    rows = [["`seed` (data)", fmt(params.seed)], ["`device`", params.device], *rows]
+    counts = ", ".join(f"{name} {fmt(split['images'])}" for name, split in data.items())
+    return f"## Setup\n\nImages per split: {counts}.\n\n" + table(["param", "value"], rows)
+
+
+def headline_section(summary: dict) -> str:
+    layer = summary["layer"]
+    rows = [
+        [f"`{key}`", *(values[m] for m in ("vanilla", layer, "difference"))]
+        for key, values in summary.items()
+        if isinstance(values, dict)
+    ]
+    rows += [
+        ["`parameter_overhead`", "", "", summary["parameter_overhead"]],
+        ["`train_time_ratio` (layer / vanilla time per image)", "", "", summary["train_time_ratio"]],
+    ]
+    return f"## Headline: `{layer}` against `vanilla` (test split)\n\n" + table(
+        ["quantity", "vanilla", layer, "difference"], rows
+    )
+
+
+def models_section(evaluation: dict[str, dict], training: dict[str, dict]) -> str:
+    header = [
+        "model",
+        "mIoU",
+        "pixel accuracy",
+        *(f"recall {c}" for c in CLASSES),
+        "position error rate",
+        "circle accuracy",
+        "parameters",
+        "train img/s",
+        "steps to position recall 0.9",
+    ]
+    rows = [
+        [
+            f"`{m}`",
+            e["miou"],
+            e["pixel_accuracy"],
+            *e["recall"],
+            e["position_error_rate"],
+            e["circle_accuracy"],
+            training[m]["parameters"],
+            training[m]["train_images_per_s"],
+            training[m]["steps_to_position_recall_0_9"],
+        ]
+        for m, e in evaluation.items()
+    ]
+    return "## All models (test split)\n\n" + table(header, rows)
+
+
+def verdict(summary: dict) -> str:
+    """What the headline says about the seed study's claim, in words chosen by the numbers."""
+    layer, recall = summary["layer"], summary["position_recall"]
+    gain = recall["difference"]
+    if gain > MARGIN:
+        word = "agrees with the seed study"
+    elif gain < -MARGIN:
+        word = "contradicts the seed study"
+    else:
+        word = f"does not reproduce the seed study's gap (difference within {MARGIN})"
+    finding = (
+        f"**{word}**: test recall on the position classes is {fmt(recall[layer])} for `{layer}` "
+        f"against {fmt(recall['vanilla'])} for `vanilla` (difference {fmt(gain)})"
+    )
+    steps = summary["steps_to_position_recall_0_9"]
+    speed = (
+        f"Validation recall on the position classes reached 0.9 after {fmt(steps[layer])} steps "
+        f"for `{layer}` and {fmt(steps['vanilla'])} for `vanilla` (n/a: not reached)."
+    )
+    cost = (
+        f"The layer adds {fmt(summary['parameters']['difference'])} parameters "
+        f"({fmt(100 * summary['parameter_overhead'])} % of vanilla) and trains at "
+        f"{fmt(summary['train_time_ratio'])}x vanilla's time per image."
+    )
+    caveat = "One training seed: differences smaller than the seed-to-seed spread are not findings."
+    return f"## What the numbers say\n\nThis run {finding}. {speed} {cost} {caveat}"
+
+
+def render(params: Params, summary: dict, evaluation: dict, training: dict, data: dict) -> str:
+    figures = "\n\n".join(f"### {title}\n\n![{title}]({path})" for title, path in FIGURES.items())
+    sections = [
+        "# posconv: where-aware convolutions, study report",
+        "Written by the `report` stage of `dvc repro`; every number is read from `metrics/`.",
+        verdict(summary),
+        headline_section(summary),
+        models_section(evaluation, training),
+        "## Figures\n\n" + figures,
+        params_section(params, data),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    params = load_params()
+    summary = read_json("metrics/summary.json")
+    evaluation = {m: read_json(f"metrics/evaluate/{m}.json") for m in LAYERS}
+    training = {m: read_json(f"metrics/train/{m}/metrics.json") for m in LAYERS}
+    data = read_json("metrics/data.json")
+    with atomic_outputs(REPORT) as (temp,):
+        temp.write_text(render(params, summary, evaluation, training, data))
+    logger.info(
+        "wrote %s (%s position recall %s)",
+        REPORT,
+        summary["layer"],
+        fmt(position_recall(evaluation[summary["layer"]]["recall"])),
+    )
+
+
+if __name__ == "__main__":
+    run(main)

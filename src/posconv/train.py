@@ -1,0 +1,112 @@
+"""Stage `train_<layer>`: train the study's network with one encoder layer, logged with DVCLive.
+
+`python -m posconv.train {vanilla,coordbias,coordconv}` writes `models/<layer>.pt` and the DVCLive
+folder `metrics/train/<layer>/` (metrics.json and per-step plots). Either all of it or nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from dvclive import Live
+
+from posconv.cli import run
+from posconv.config import LAYERS, load_params
+from posconv.data import load_scenes, load_split
+from posconv.engine import LabelledImages, peak_memory_mb, resolve_device, train
+from posconv.model import FCN, ModelSpec, count_parameters, save_model
+
+logger = logging.getLogger(__name__)
+POSITION_RECALL_TARGET = 0.9
+
+
+class LiveLog:
+    """Sends the engine's progress to DVCLive, so `dvc exp show` and `dvc plots` follow training."""
+
+    def __init__(self, live: Live) -> None:
+        self.live = live
+
+    def train_loss(self, step: int, loss: float) -> None:
+        self.live.step = step
+        self.live.log_metric("train/loss", loss)
+
+    def validation(self, step: int, scores: dict) -> None:
+        self.live.step = step
+        values = {key: scores[key] for key in ("loss", "miou", "position_recall")}
+        values |= {f"recall/{cls}": recall for cls, recall in enumerate(scores["recall"])}
+        for key, value in values.items():
+            self.live.log_metric(f"val/{key}", math.nan if value is None else value)  # None: class absent
+        self.live.next_step()
+
+
+def steps_to_target(
+    validations: list[tuple[int, dict]], target: float = POSITION_RECALL_TARGET
+) -> int | None:
+    """First training step at which validation recall on the position classes reached `target`."""
+    reached = (step for step, scores in validations if (scores["position_recall"] or 0.0) >= target)
+    return next(reached, None)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m posconv.train", description=__doc__)
+    parser.add_argument("layer", choices=LAYERS)
+    layer = parser.parse_args(argv).layer
+    params = load_params()
+    device = resolve_device(params.device)
+    scenes, split = load_scenes("data/scenes"), load_split("data/split.npz")
+    train_data, val_data = (
+        LabelledImages.from_arrays(scenes.images[split[name]], scenes.labels[split[name]], device)
+        for name in ("train", "val")
+    )
+    torch.manual_seed(params.train.seed)
+    spec = ModelSpec(layer=layer, **vars(params.model))
+    model = FCN(spec).to(
+        device, memory_format=torch.channels_last if params.train.channels_last else torch.preserve_format
+    )
+    live_dir = Path("metrics/train") / layer
+    started = time.perf_counter()
+    try:
+        with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+            result = train(
+                model,
+                train_data,
+                val_data,
+                params.train,
+                LiveLog(live),
+                params.train.val_every,
+                params.train.batch_size,
+            )
+            live.summary.update(
+                steps=result.steps,
+                steps_to_position_recall_0_9=steps_to_target(result.validations),
+                train_images_per_s=result.images_per_second,
+                wall_time_s=time.perf_counter() - started,
+                parameters=count_parameters(model),
+                extra_parameters=count_parameters(model)
+                - count_parameters(FCN(ModelSpec(**{**vars(spec), "layer": "vanilla"}))),
+                peak_memory_mb=peak_memory_mb(device),
+                device=str(device),
+            )
+            save_model(model, Path("models") / f"{layer}.pt")
+    except BaseException:
+        shutil.rmtree(live_dir, ignore_errors=True)
+        raise
+    logger.info(
+        "%s: %d steps, train loss %.4f, val mIoU %.3f, %.0f img/s on %s",
+        layer,
+        result.steps,
+        result.final_train_loss,
+        result.validations[-1][1]["miou"],
+        result.images_per_second,
+        device,
+    )
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,67 @@
+"""Shared fixtures: a copy of the project in a temporary git repository, for tests that run stages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {  # a pipeline that runs in seconds on a CPU
+    "generate": {"size": 32, "images": 48},
+    "model": {"width": 4},
+    "train": {"epochs": 1, "batch_size": 8, "val_every": 2},
+    "evaluate": {"examples": 2},
+}
+
+
+def deep_update(data: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        data[key] = deep_update(data[key], value) if isinstance(value, dict) else value
+    return data
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """The project's pipeline files and sources in a fresh git repo with tiny params, committed."""
+    for name in ("src", ".dvc", "dvc.yaml", ".dvcignore", ".gitignore"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(
+                source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache")
+            )
+        elif source.exists():
+            shutil.copy(source, tmp_path / name)
+    params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "config", "user.name", "test"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "config", "user.email", "test@example.invalid"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "tiny project"], cwd=tmp_path, check=True)
+    return tmp_path
+
+
+@pytest.fixture
+def sh(project: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run a command in the project copy, with its own sources first on the Python path."""
+    env = {**os.environ, "PYTHONPATH": str(project / "src"), "DVC_NO_ANALYTICS": "1"}
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env["PATH"]
+
+    def run(*command: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
+        if check and result.returncode:
+            raise AssertionError(
+                f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    run.env = env
+    return run

@@ -1,0 +1,139 @@
+"""The pipeline as users drive it: real DVC, real training, tiny params, in a temporary git repo."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+STAGES = ["generate", "split", "train_vanilla", "train_coordbias", "train_coordconv", "evaluate", "report"]
+MODELS = ["vanilla", "coordbias", "coordconv"]
+
+
+def imported_modules(module: str) -> set[str]:
+    """`module` and every posconv module it imports, transitively, read from the source."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((ROOT / "src" / f"{name.replace('.', '/')}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "posconv":
+                todo += [f"posconv.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("posconv."):
+                todo.append(node.module)
+            elif isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names if alias.name.startswith("posconv.")]
+    return seen
+
+
+def test_dvc_yaml_has_the_stages_and_lists_exactly_the_sources_each_reads() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == STAGES
+    for name, stage in stages.items():
+        module = re.match(r"python -m (posconv\.\w+)", stage["cmd"]).group(1)
+        expected = {f"src/{m.replace('.', '/')}.py" for m in imported_modules(module)}
+        listed = {dep for dep in stage["deps"] if dep.startswith("src/")}
+        assert listed == expected, name
+
+
+def stages_changed_by(project: Path, sh: Callable, group: str, key: str, value: object) -> set[str]:
+    """Stages `dvc status` says are out of date after changing one param (then changed back)."""
+    path = project / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params[group][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        return set(json.loads(sh("dvc", "status", "--json").stdout))
+    finally:
+        path.write_text(original)
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def read(project: Path, path: str) -> dict:
+    return json.loads((project / path).read_text())
+
+
+def in_unit_interval(value: float | None) -> bool:
+    return value is not None and 0.0 <= value <= 1.0
+
+
+def check_outputs(project: Path, layer: str) -> None:
+    data = read(project, "metrics/data.json")
+    test_images = data["test"]["images"]
+    for model in MODELS:
+        train = read(project, f"metrics/train/{model}/metrics.json")
+        steps = math.ceil(data["train"]["images"] / 8)
+        assert train["steps"] == steps and train["parameters"] > 0
+        loss_rows = (project / f"metrics/train/{model}/plots/metrics/train/loss.tsv").read_text().splitlines()
+        assert len(loss_rows) == steps + 1  # header + one row per step
+        result = read(project, f"metrics/evaluate/{model}.json")
+        assert sum(map(sum, result["confusion"])) == test_images * 32 * 32
+        assert len(result["recall"]) == 4 and all(r is None or 0 <= r <= 1 for r in result["recall"])
+        assert in_unit_interval(result["miou"]) and in_unit_interval(result["pixel_accuracy"])
+        assert result["inference_images_per_s"] > 0
+    summary = read(project, "metrics/summary.json")
+    assert summary["layer"] == layer
+    assert set(summary["miou"]) == {"vanilla", layer, "difference"}
+    assert summary["parameters"][layer] > summary["parameters"]["vanilla"]
+    report = (project / "plots/report.md").read_text()
+    assert f"`{layer}` against `vanilla`" in report
+
+
+@pytest.mark.slow
+def test_repro_then_experiment_then_compare(project: Path, sh: Callable) -> None:
+    assert ran_stages(sh("dvc", "repro").stdout) == set(STAGES)
+    check_outputs(project, "coordbias")
+    assert "up to date" in sh("dvc", "status").stdout
+
+    # Each param invalidates exactly the stages that read it; the rest follows from the DAG.
+    # (report reads every group: it prints the params it ran with.)
+    assert stages_changed_by(project, sh, "generate", "images", 60) == {"generate", "split", "report"}
+    assert stages_changed_by(project, sh, "train", "epochs", 2) == {*STAGES[2:5], "report"}
+    assert stages_changed_by(project, sh, "evaluate", "examples", 1) == {"evaluate", "report"}
+
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "tiny results")
+    assert ran_stages(sh("dvc", "exp", "run", "-S", "layer=coordconv").stdout) == {"evaluate", "report"}
+    check_outputs(project, "coordconv")
+
+    shown = json.loads(sh("dvc", "exp", "show", "--json").stdout)
+    experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
+    layers = {
+        run["data"]["params"]["params.yaml"]["data"]["layer"]: run["data"]["metrics"]["metrics/summary.json"][
+            "data"
+        ]
+        for exp in experiments
+        for run in exp["revs"]
+    }
+    assert layers["coordconv"]["layer"] == "coordconv"
+    assert in_unit_interval(layers["coordconv"]["miou"]["coordconv"])
+
+    plots = json.loads(sh("dvc", "plots", "diff", "--json").stdout)["data"]
+    loss = plots["Training loss"][0]
+    rows = loss["content"]["data"]["values"]
+    assert set(loss["revisions"]) == {"workspace", "HEAD"}
+    assert {row["filename"].split("/")[0] for row in rows} == set(MODELS)  # three curves on one plot
+    assert all(math.isfinite(float(row["loss"])) for row in rows)
+    recall = plots["Test recall per class"][0]["content"]["data"]["values"]
+    assert all(0 <= float(row["recall"]) <= 1 for row in recall if row["recall"])
+    assert {row["class"] for row in recall} == {"background", "yellow_right", "yellow_left", "red_bottom"}
+    for model in MODELS:
+        circles = plots[f"plots/evaluate/circles_{model}.csv"][0]["content"]["data"]["values"]
+        assert circles and {"actual", "predicted"} <= set(circles[0])
+    for image in ("plots/data/preview.png", "plots/evaluate/predictions.png", "plots/evaluate/losses.png"):
+        assert {entry["type"] for entry in plots[image]} == {"image"}
+        assert all(Path(entry["url"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for entry in plots[image])

@@ -1,0 +1,90 @@
+"""The train stage as DVC runs it: reproducible, and all-or-nothing when it fails or is killed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from posconv.model import load_model
+
+TIMING_KEYS = {"wall_time_s", "train_images_per_s", "peak_memory_mb"}
+
+
+def set_params(project: Path, **groups: dict) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for group, values in groups.items():
+        params[group].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def prepared(project: Path, sh: Callable) -> Path:
+    """The tiny project with its data generated and split."""
+    sh("python", "-m", "posconv.generate")
+    sh("python", "-m", "posconv.split")
+    return project
+
+
+def outputs_absent(project: Path, layer: str) -> bool:
+    return not (project / f"models/{layer}.pt").exists() and not (project / f"metrics/train/{layer}").exists()
+
+
+def test_same_params_and_seed_give_identical_metrics_and_weights(prepared: Path, sh: Callable) -> None:
+    runs = []
+    for _ in range(2):
+        sh("python", "-m", "posconv.train", "coordbias")
+        metrics = json.loads((prepared / "metrics/train/coordbias/metrics.json").read_text())
+        weights = load_model(prepared / "models/coordbias.pt").state_dict()
+        runs.append(({k: v for k, v in metrics.items() if k not in TIMING_KEYS}, weights))
+    (metrics_a, weights_a), (metrics_b, weights_b) = runs
+    assert metrics_a == metrics_b
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
+    assert (prepared / "metrics/train/coordbias/plots/metrics/train/loss.tsv").read_text().count("\n") > 1
+
+
+def test_saved_model_rebuilds_from_its_own_spec(prepared: Path, sh: Callable) -> None:
+    sh("python", "-m", "posconv.train", "coordconv")
+    model = load_model(prepared / "models/coordconv.pt")
+    assert model.spec.layer == "coordconv" and model.spec.width == 4
+    assert model(torch.rand(2, 3, 24, 40)).shape == (2, 4, 24, 40)
+
+
+def test_diverging_loss_stops_with_the_step_and_writes_nothing(prepared: Path, sh: Callable) -> None:
+    set_params(prepared, train={"optimizer": "sgd", "lr": 1e30})
+    result = sh("python", "-m", "posconv.train", "coordbias", check=False)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "training loss is" in result.stderr and "at step" in result.stderr
+    assert outputs_absent(prepared, "coordbias")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_killed_mid_training_leaves_nothing_and_repro_redoes_it(
+    prepared: Path, sh: Callable, sig: signal.Signals
+) -> None:
+    set_params(prepared, train={"epochs": 200})
+    process = subprocess.Popen(
+        ["python", "-m", "posconv.train", "vanilla"], cwd=prepared, env=sh.env, stderr=subprocess.PIPE, text=True
+    )
+    loss_log = prepared / "metrics/train/vanilla/plots/metrics/train/loss.tsv"
+    deadline = time.monotonic() + 60
+    while not (loss_log.exists() and loss_log.read_text().count("\n") > 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be interrupted"
+    process.send_signal(sig)
+    assert process.wait(timeout=30) != 0
+    assert outputs_absent(prepared, "vanilla")
+
+    set_params(prepared, train={"epochs": 1})
+    sh("dvc", "repro", "train_vanilla")
+    assert load_model(prepared / "models/vanilla.pt").spec.layer == "vanilla"
+    assert json.loads((prepared / "metrics/train/vanilla/metrics.json").read_text())["steps"] > 0
