@@ -6,6 +6,7 @@ import ast
 import json
 import math
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,13 +47,18 @@ def test_dvc_yaml_has_the_stages_and_lists_exactly_the_sources_each_reads() -> N
         assert listed == expected, name
 
 
+def set_param(project: Path, group: str, key: str, value: object) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[group][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def stages_changed_by(project: Path, sh: Callable, group: str, key: str, value: object) -> set[str]:
     """Stages `dvc status` says are out of date after changing one param (then changed back)."""
     path = project / "params.yaml"
     original = path.read_text()
-    params = yaml.safe_load(original)
-    params[group][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    set_param(project, group, key, value)
     try:
         return set(json.loads(sh("dvc", "status", "--json").stdout))
     finally:
@@ -137,3 +143,18 @@ def test_repro_then_experiment_then_compare(project: Path, sh: Callable) -> None
     for image in ("plots/data/preview.png", "plots/evaluate/predictions.png", "plots/evaluate/losses.png"):
         assert {entry["type"] for entry in plots[image]} == {"image"}
         assert all(Path(entry["url"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for entry in plots[image])
+
+    # The CI gate passes on consistent results even without data, models and cache (a fresh clone),
+    for cached in ("data", "models", ".dvc/cache"):
+        shutil.rmtree(project / cached)
+    assert "metrics gate passed" in sh("python", "-m", "posconv.check").stdout
+    # and fails below its thresholds, and when code changed after the results were made.
+    set_param(project, "check", "min_miou", 1.0)
+    low = sh("python", "-m", "posconv.check", check=False)
+    assert low.returncode == 1 and "FAIL miou of coordconv" in low.stdout
+    with (project / "src/posconv/report.py").open("a") as source:
+        source.write("# edited after the results were made\n")
+    stale = sh("python", "-m", "posconv.check", check=False)
+    assert (
+        stale.returncode == 1 and "FAIL report: changed deps src/posconv/report.py modified" in stale.stdout
+    )

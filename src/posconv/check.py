@@ -18,6 +18,8 @@ from posconv.cli import run
 from posconv.config import load_params
 from posconv.io import read_json
 
+ABSENT = {"deleted", "not in cache"}  # how `dvc status` reports a cached file this checkout lacks
+
 
 def stale_stages(repo: Repo) -> list[str]:
     """Changes `dvc status` reports, except cached outputs (and their copies as deps) missing here."""
@@ -30,7 +32,7 @@ def stale_stages(repo: Repo) -> list[str]:
                 continue
             for kind, paths in change.items():
                 for path, status in paths.items() if isinstance(paths, dict) else []:
-                    missing_cached = status == "deleted" and any(
+                    missing_cached = status in ABSENT and any(
                         path == c or path.startswith(c + "/") for c in cached
                     )
                     if not missing_cached:

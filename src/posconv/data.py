@@ -183,4 +183,8 @@ def load_labelled_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     dims: dict[str, int] = {}
     _check_uint8(arrays["images"], f"{path}: images", ("N", "H", "W", 3), dims)
     _check_uint8(arrays["labels"], f"{path}: labels", ("N", "H", "W"), dims)
+    if arrays["labels"].size and arrays["labels"].max() >= len(CLASS_NAMES):
+        raise BadInput(
+            f"{path}: labels hold {arrays['labels'].max()}, expected classes 0..{len(CLASS_NAMES) - 1}"
+        )
     return arrays["images"], arrays["labels"]

@@ -103,5 +103,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> FCN:
     except FileNotFoundError:
         raise BadInput(f"{path}: model file not found (run its train stage first)") from None
     except Exception as error:  # a corrupt or foreign file can fail in many ways inside torch
-        raise BadInput(f"{path}: not a posconv model file ({type(error).__name__}: {error})") from None
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise BadInput(f"{path}: not a posconv model file ({type(error).__name__}: {first_line})") from None
     return model.to(device)

@@ -1,0 +1,73 @@
+"""The report's numbers are the metrics files' numbers, and its verdict follows them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from posconv.compare import headline
+from posconv.config import load_params
+from posconv.report import fmt, render
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("vanilla", "coordbias", "coordconv")
+
+
+def fake_metrics(position_gain: float) -> tuple[dict, dict, dict]:
+    evaluation, training = {}, {}
+    for index, model in enumerate(MODELS):
+        gain = position_gain if model != "vanilla" else 0.0
+        evaluation[model] = {
+            "miou": 0.5 + index / 10, "pixel_accuracy": 0.9,
+            "recall": [0.99, *(r + gain for r in (0.6, 0.7, 0.5))],
+            "position_error_rate": 0.3 - gain, "circle_accuracy": 0.6 + gain, "inference_images_per_s": 100.0,
+        }  # fmt: skip
+        training[model] = {
+            "parameters": 1000 + 500 * index, "train_images_per_s": 20.0 - index,
+            "steps_to_position_recall_0_9": None if model == "vanilla" else 40 * index,
+        }  # fmt: skip
+    data = {name: {"images": count} for name, count in (("train", 6), ("val", 2), ("test", 2))}
+    return evaluation, training, data
+
+
+def table_row(report: str, first_cell: str) -> list[str]:
+    line = next(line for line in report.splitlines() if line.startswith(f"| {first_cell} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+@pytest.mark.parametrize(
+    ("gain", "word"), [(0.2, "agrees with"), (-0.2, "contradicts"), (0.01, "does not reproduce")]
+)
+def test_report_numbers_come_from_the_metrics(gain: float, word: str) -> None:
+    evaluation, training, data = fake_metrics(gain)
+    summary = headline("coordbias", evaluation, training)
+    report = render(load_params(ROOT / "params.yaml"), summary, evaluation, training, data)
+    for key in (
+        "miou",
+        "position_recall",
+        "position_error_rate",
+        "steps_to_position_recall_0_9",
+        "parameters",
+    ):
+        values = summary[key]
+        assert table_row(report, f"`{key}`")[1:] == [
+            fmt(values[m]) for m in ("vanilla", "coordbias", "difference")
+        ]
+    for model in MODELS:
+        row = table_row(report, f"`{model}`")
+        assert row[1] == fmt(evaluation[model]["miou"])
+        assert row[3:7] == [fmt(r) for r in evaluation[model]["recall"]]
+        assert row[-1] == fmt(training[model]["steps_to_position_recall_0_9"])
+    assert f"**{word}" in report
+    assert fmt(summary["position_recall"]["coordbias"]) in report.split("## What the numbers say")[1]
+
+
+def test_headline_differences_and_ratios() -> None:
+    evaluation, training, _ = fake_metrics(0.2)
+    summary = headline("coordconv", evaluation, training)
+    assert summary["miou"]["difference"] == pytest.approx(0.2)
+    assert summary["parameters"]["difference"] == 1000
+    assert summary["parameter_overhead"] == pytest.approx(1.0)
+    assert summary["train_time_ratio"] == pytest.approx(20 / 18)
+    assert summary["steps_to_position_recall_0_9"]["difference"] is None
