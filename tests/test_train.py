@@ -73,7 +73,11 @@ def test_killed_mid_training_leaves_nothing_and_repro_redoes_it(
 ) -> None:
     set_params(prepared, train={"epochs": 200})
     process = subprocess.Popen(
-        ["python", "-m", "posconv.train", "vanilla"], cwd=prepared, env=sh.env, stderr=subprocess.PIPE, text=True
+        ["python", "-m", "posconv.train", "vanilla"],
+        cwd=prepared,
+        env=sh.env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     loss_log = prepared / "metrics/train/vanilla/plots/metrics/train/loss.tsv"
     deadline = time.monotonic() + 60
