@@ -1,0 +1,355 @@
+"""The layers against independent references: concat-then-conv, per-pixel loops, and nn.Conv2d itself."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from posconv.layers import LAYER_NAMES, CoordBias2d, CoordConv2d, make_conv
+
+# PyTorch's note that an even kernel with padding="same" pads a copy of the input: expected here
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+
+# (input H, W, conv kwargs): strides, paddings (ints, tuples, strings), dilations, groups, bias, every mode
+GEOMETRIES: list[tuple[int, int, dict[str, Any]]] = [
+    (9, 7, dict(kernel_size=3, padding=1)),
+    (9, 7, dict(kernel_size=3, stride=2, padding=1, padding_mode="reflect")),
+    (
+        8,
+        11,
+        dict(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), padding_mode="circular"),
+    ),
+    (7, 6, dict(kernel_size=4, padding="same", padding_mode="replicate", bias=False)),
+    (6, 9, dict(kernel_size=2, padding="same", dilation=3, groups=2)),
+    (9, 8, dict(kernel_size=3, stride=3, padding=2, dilation=2, groups=2, padding_mode="reflect")),
+    (5, 3, dict(kernel_size=3, padding="valid")),  # a 1-pixel-wide output
+    (4, 5, dict(kernel_size=1, stride=2)),
+]
+IDS = [f"{h}x{w}-" + "-".join(f"{k}={v}" for k, v in kw.items()) for h, w, kw in GEOMETRIES]
+
+
+def _layer(
+    name: str, kwargs: dict[str, Any], dtype: torch.dtype = torch.float64, **options: Any
+) -> nn.Conv2d:
+    torch.manual_seed(0)
+    return make_conv(name, 4, 6, dtype=dtype, **options, **kwargs)
+
+
+def _randomise(layer: nn.Module) -> nn.Module:
+    """Non-zero values everywhere (coord_bias starts at zero)."""
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.uniform_(-1, 1)
+    return layer
+
+
+def _plain(layer: nn.Conv2d, in_channels: int, out_channels: int, groups: int = 1) -> nn.Conv2d:
+    """A plain nn.Conv2d with the layer's geometry, for functional_call with reference weights."""
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        groups,
+        bias=layer.bias is not None,
+        padding_mode=layer.padding_mode,
+    ).to(layer.weight.dtype)
+
+
+def _weights(weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {"weight": weight} | ({} if bias is None else {"bias": bias})
+
+
+def _pixel_coords(size: int, convention: str) -> torch.Tensor:
+    i = torch.arange(size, dtype=torch.float64)
+    return (2 * i + 1) / size - 1 if convention == "centered" else i / max(size - 1, 1)
+
+
+def _coordinate_channels(h: int, w: int, convention: str, with_r: bool) -> torch.Tensor:
+    x = _pixel_coords(w, convention).expand(h, w)
+    y = _pixel_coords(h, convention)[:, None].expand(h, w)
+    channels = [x, y, (x**2 + y**2).sqrt()] if with_r else [x, y]
+    return torch.stack(channels)
+
+
+def _concat_reference(layer: CoordConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Classic CoordConv: every group's input slice gets the coordinate channels; convolve group by group."""
+    n, _, h, w = x.shape
+    coords = _coordinate_channels(h, w, layer.coords, layer.with_r).expand(n, -1, h, w).to(x.dtype)
+    c_in, c_out = layer.in_channels // layer.groups, layer.out_channels // layer.groups
+    plain = _plain(layer, c_in + coords.shape[1], c_out)
+    outputs = []
+    for g in range(layer.groups):
+        out = slice(g * c_out, (g + 1) * c_out)
+        bias = None if layer.bias is None else layer.bias[out]
+        params = _weights(torch.cat([layer.weight[out], layer.coord_weight[out]], 1), bias)
+        outputs.append(
+            functional_call(plain, params, torch.cat([x[:, g * c_in : (g + 1) * c_in], coords], 1))
+        )
+    return torch.cat(outputs, 1)
+
+
+def _kernel_centre_coords(in_size: int, out_size: int, layer: nn.Conv2d, axis: int) -> torch.Tensor:
+    """By the definition, with PyTorch's own padding split (`_reversed_padding_repeated_twice`)."""
+    before = layer._reversed_padding_repeated_twice[2 * (1 - axis)]
+    centre = torch.arange(out_size, dtype=torch.float64) * layer.stride[axis] - before
+    centre = centre + layer.dilation[axis] * (layer.kernel_size[axis] - 1) / 2
+    return (2 * centre + 1) / in_size - 1
+
+
+def _loop_reference(layer: CoordBias2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) + a_c*X + b_c*Y, the position term summed pixel by pixel."""
+    plain = _plain(layer, layer.in_channels, layer.out_channels, layer.groups)
+    conv = functional_call(plain, _weights(layer.weight, layer.bias), x)
+    (h_in, w_in), (h, w) = x.shape[-2:], conv.shape[-2:]
+    xs, ys = _kernel_centre_coords(w_in, w, layer, 1), _kernel_centre_coords(h_in, h, layer, 0)
+    if layer.coords == "seed":
+        xs, ys = _pixel_coords(w, "seed"), _pixel_coords(h, "seed")
+    a, b = layer.coord_bias.unbind(1)
+    term = [
+        [[a[c] * xs[j] + b[c] * ys[i] for j in range(w)] for i in range(h)] for c in range(layer.out_channels)
+    ]
+    return conv + torch.stack([torch.stack([torch.stack(row) for row in plane]) for plane in term])
+
+
+def _forward_and_grads(module: Any, x: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The output, then the gradients of a random projection of it w.r.t. the input and `params`."""
+    x = x.detach().requires_grad_()
+    y = module(x)
+    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    weights = torch.empty_like(y).copy_(weights)  # in y's memory layout, as a real upstream gradient is
+    return [y, *torch.autograd.grad((y * weights).sum(), [x, *params])]
+
+
+def _parameters(layer: nn.Module) -> list[torch.Tensor]:
+    return list(layer.parameters())
+
+
+def _input(h: int, w: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.randn(2, 4, h, w, generator=torch.Generator().manual_seed(2), dtype=dtype)
+
+
+# ---- the factory ----
+
+
+def test_factory_builds_every_layer_and_ignores_options_a_layer_has_no_use_for() -> None:
+    assert LAYER_NAMES == ("vanilla", "coordbias", "coordconv")
+    options = dict(coords="seed", with_r=True, stride=2, bias=False)
+    assert type(make_conv("vanilla", 3, 5, 3, **options)) is nn.Conv2d
+    bias = make_conv("coordbias", 3, 5, (3, 5), **options)
+    assert isinstance(bias, CoordBias2d) and bias.coord_bias.shape == (5, 2) and bias.coords == "seed"
+    conv = make_conv("coordconv", 3, 5, (3, 5), **options)
+    assert isinstance(conv, CoordConv2d) and conv.coord_weight.shape == (5, 3, 3, 5) and conv.bias is None
+    assert make_conv("coordconv", 3, 5, 3).coord_weight.shape == (5, 2, 3, 3)
+
+
+def test_factory_rejects_unknown_names_and_conventions() -> None:
+    with pytest.raises(ValueError, match="vanilla, coordbias, coordconv"):
+        make_conv("coordnet", 3, 5, 3)
+    for name in ("coordbias", "coordconv"):
+        with pytest.raises(ValueError, match="centered, seed"):
+            make_conv(name, 3, 5, 3, coords="polar")
+
+
+def test_initialisation() -> None:
+    """coordbias: zero, with vanilla's random draws; coordconv: the concat form's U(±1/sqrt(fan_in))."""
+    torch.manual_seed(3)
+    vanilla = make_conv("vanilla", 16, 32, 3)
+    torch.manual_seed(3)
+    bias = make_conv("coordbias", 16, 32, 3)
+    assert torch.equal(bias.weight, vanilla.weight) and torch.equal(bias.bias, vanilla.bias)
+    assert not bias.coord_bias.any()
+    conv = make_conv("coordconv", 16, 32, 3)
+    bound = 1 / math.sqrt((16 + 2) * 9)  # below the plain conv's 1/sqrt(16*9)
+    for parameter in (conv.weight, conv.coord_weight, conv.bias):
+        assert 0.8 * bound < parameter.abs().max() <= bound
+
+
+# ---- exactness ----
+
+
+@pytest.mark.parametrize(("h", "w", "kwargs"), GEOMETRIES, ids=IDS)
+@pytest.mark.parametrize("coords", ["centered", "seed"])
+def test_coordconv_equals_concat_then_conv(h: int, w: int, kwargs: dict[str, Any], coords: str) -> None:
+    layer = _layer("coordconv", kwargs, coords=coords, with_r=coords == "centered")
+    params = _parameters(layer)
+    got = _forward_and_grads(layer, _input(h, w), params)
+    expected = _forward_and_grads(lambda x: _concat_reference(layer, x), _input(h, w), params)
+    assert len(got) == 2 + len(params) >= 4
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("h", "w", "kwargs"), GEOMETRIES, ids=IDS)
+@pytest.mark.parametrize("coords", ["centered", "seed"])
+def test_coordbias_equals_conv_plus_per_pixel_sum(
+    h: int, w: int, kwargs: dict[str, Any], coords: str
+) -> None:
+    layer = _randomise(_layer("coordbias", kwargs, coords=coords))
+    params = _parameters(layer)
+    got = _forward_and_grads(layer, _input(h, w), params)
+    expected = _forward_and_grads(lambda x: _loop_reference(layer, x), _input(h, w), params)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("h", "w", "kwargs"), GEOMETRIES, ids=IDS)
+def test_coordbias_sits_on_the_input_pixel_under_the_kernel_centre(h: int, w: int, kwargs: dict) -> None:
+    """Ask PyTorch's own convolution which input pixels the central taps read: the mean of their
+    coordinates is the output's coordinate wherever all central taps fall inside the image."""
+    kwargs = kwargs | {"padding_mode": "zeros", "groups": 1}
+    layer = make_conv("coordbias", 1, 2, dtype=torch.float64, **kwargs)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.coord_bias.copy_(torch.eye(2))
+        if layer.bias is not None:
+            layer.bias.zero_()
+        coords = layer(torch.zeros(1, 1, h, w, dtype=torch.float64))[0]
+        probe = nn.Conv2d(1, 1, **kwargs | {"bias": False}).double()
+        probe.weight.zero_()
+        rows, cols = (slice((k - 1) // 2, k // 2 + 1) for k in probe.kernel_size)
+        probe.weight[..., rows, cols] = 1 / probe.weight[..., rows, cols].numel()
+        inside = probe(torch.ones(1, 1, h, w, dtype=torch.float64))[0, 0] > 1 - 1e-9
+        for axis, channel in enumerate(_coordinate_channels(h, w, "centered", with_r=False)):
+            seen = probe(channel[None, None])[0, 0]
+            torch.testing.assert_close(coords[axis][inside], seen[inside], rtol=0, atol=1e-12)
+    assert inside.any()
+
+
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_zero_coordinate_parameters_equal_vanilla_exactly(
+    name: str, dtype: torch.dtype, channels_last: bool
+) -> None:
+    for h, w, kwargs in GEOMETRIES:
+        layer = _layer(name, kwargs, dtype)
+        vanilla = _layer("vanilla", kwargs, dtype)
+        vanilla.load_state_dict(layer.state_dict(), strict=False)
+        with torch.no_grad():
+            for key, parameter in layer.named_parameters():
+                if key.startswith("coord_"):
+                    parameter.zero_()
+        x = _input(h, w, dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(layer(x), vanilla(x)), kwargs
+
+
+# ---- the seed's first open question ----
+
+
+def test_behind_batchnorm_a_plain_bias_gets_no_gradient_but_the_coordinate_bias_does() -> None:
+    """BatchNorm removes each channel's mean: a constant bias cancels, one that varies in space does not."""
+    torch.manual_seed(4)
+    layer = _randomise(make_conv("coordbias", 3, 8, 3, padding=1, dtype=torch.float64))
+    model = nn.Sequential(layer, nn.BatchNorm2d(8, dtype=torch.float64)).train()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    (model(x) * torch.randn(4, 8, 16, 16, dtype=torch.float64)).sum().backward()
+    assert layer.bias.grad.abs().max() < 1e-10
+    assert layer.coord_bias.grad.abs().min() > 1e-3
+
+
+# ---- dtypes, layouts, modes, compile, state dicts ----
+
+
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_follows_float32(name: str, dtype: torch.dtype) -> None:
+    layer = _randomise(_layer(name, dict(kernel_size=3, stride=2, padding=1), torch.float32))
+    x = _input(9, 7, torch.float32)
+    expected = _forward_and_grads(layer, x, _parameters(layer))
+    half = layer.to(dtype)
+    got = _forward_and_grads(half, x.to(dtype), _parameters(half))
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), e, rtol=0.05, atol=0.05 * e.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+def test_bfloat16_autocast(name: str) -> None:
+    layer = _randomise(_layer(name, dict(kernel_size=3, padding=1), torch.float32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(_input(8, 8, torch.float32))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+
+
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+def test_channels_last_is_kept_and_gives_the_same_numbers(name: str) -> None:
+    layer = _randomise(_layer(name, dict(kernel_size=3, stride=2, padding=1, padding_mode="reflect")))
+    x = _input(10, 9)
+    expected = _forward_and_grads(layer, x, _parameters(layer))
+    layer = layer.to(memory_format=torch.channels_last)
+    got = _forward_and_grads(layer, x.contiguous(memory_format=torch.channels_last), _parameters(layer))
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+def test_inference_mode_first_does_not_break_autograd_later(name: str) -> None:
+    layer = _layer(name, dict(kernel_size=3, padding=1))
+    x = _input(17, 13)  # a shape no other test uses, so the maps are first built in inference mode
+    with torch.inference_mode():
+        expected = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+    layer(x).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_frozen_coordinate_parameters_get_no_gradient() -> None:
+    layer = _layer("coordbias", dict(kernel_size=3, padding=1))
+    layer.coord_bias.requires_grad_(False)
+    layer(_input(8, 8)).sum().backward()
+    assert layer.coord_bias.grad is None and layer.weight.grad is not None
+
+
+def test_compiled_layers_match_eager() -> None:
+    model = nn.Sequential(
+        make_conv("coordbias", 4, 6, 3, padding=1),
+        make_conv("coordconv", 6, 5, 3, stride=2, padding=1, padding_mode="reflect", with_r=True),
+    )
+    _randomise(model)
+    x = _input(10, 9, torch.float32)
+    expected = _forward_and_grads(model, x, _parameters(model))
+    got = _forward_and_grads(torch.compile(model, fullgraph=True), x, _parameters(model))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", LAYER_NAMES)
+def test_state_dict_round_trip(name: str) -> None:
+    layer = _randomise(_layer(name, dict(kernel_size=3, padding=1), coords="seed", with_r=True))
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(5)
+    fresh = make_conv(name, 4, 6, 3, padding=1, dtype=torch.float64, coords="seed", with_r=True)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    x = _input(6, 7)
+    assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+def test_cuda_bfloat16_channels_last_follows_cpu(name: str) -> None:
+    layer = _randomise(_layer(name, dict(kernel_size=3, padding=1, padding_mode="replicate"), torch.float32))
+    x = _input(12, 10, torch.float32)
+    expected = _forward_and_grads(layer, x, _parameters(layer))
+    layer = layer.to("cuda", torch.bfloat16, memory_format=torch.channels_last)
+    x = x.to("cuda", torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    got = _forward_and_grads(layer, x, _parameters(layer))
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.float().cpu(), e, rtol=0.05, atol=0.05 * e.abs().max().item())
