@@ -3,28 +3,255 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from dvclive import Live
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from posconv.cli import run
+from posconv.config import TrainParams, load_params
+from posconv.data import write_scenes
+from posconv.engine import LabelledImages, autocast, make_optimizer, resolve_device, train, train_step
+from posconv.io import write_json
+from posconv.layers import LAYER_NAMES, make_conv
+from posconv.metrics import N_CLASSES
+from posconv.model import FCN, ModelSpec
+from posconv.plots import save_preview
+from posconv.scenes import draw_scenes, image_stream
+from posconv.train import LiveLog
 
-# ---- layers: owned by the layers work (issue 3) ----
+# ---- layers ----
+
+
+_LAYER_TARGETS = {"cpu": 1.10, "cuda": 1.05}  # max fwd+bwd time of a position-aware layer / nn.Conv2d's
+_LAYER_SETTINGS = {  # device: (dtype, memory format) benchmarked there
+    "cpu": (torch.float32, torch.contiguous_format),
+    "cuda": (torch.bfloat16, torch.channels_last),
+}
+_LAYER_COLUMNS = (
+    "{device:<5}{dtype:<9}{width:>3}  {layer:<15}{reps:>5}{vanilla_ms:>11} {coordbias:>19} {coordconv:>19}"
+)
+
+
+def _encoder_shapes(width: int, size: int) -> list[tuple[int, int, int]]:
+    """(C_in, C_out, H) of the model's six encoder convolutions (a 2x2 max pool after each pair)."""
+    w = width
+    pairs = ((3, w), (w, w), (w, 2 * w), (2 * w, 2 * w), (2 * w, 4 * w), (4 * w, 4 * w))
+    return [(c_in, c_out, size >> (index // 2)) for index, (c_in, c_out) in enumerate(pairs)]
+
+
+def _encoder_stack(name: str, width: int) -> nn.Sequential:
+    """The six encoder convolutions with their ReLUs and max pools, as in the model."""
+    modules: list[nn.Module] = []
+    for index, (c_in, c_out, _) in enumerate(_encoder_shapes(width, 1)):
+        modules += [make_conv(name, c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+        modules += [nn.MaxPool2d(2)] if index % 2 else []
+    return nn.Sequential(*modules)
+
+
+def _layer_cases(
+    width: int, size: int, batch: int
+) -> Iterator[tuple[str, Callable[[str], nn.Module], tuple, bool]]:
+    """(label, build from a layer name, input shape, input needs grad): each layer alone, then the stack."""
+    for index, (c_in, c_out, h) in enumerate(_encoder_shapes(width, size)):
+        build = partial(make_conv, in_channels=c_in, out_channels=c_out, kernel_size=3, padding=1)
+        yield f"{c_in}->{c_out} @{h}", build, (batch, c_in, h, h), index > 0  # the image needs no grad
+    yield "encoder stack", partial(_encoder_stack, width=width), (batch, 3, size, size), False
+
+
+def _time_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    """Seconds for one forward and backward, synchronised on CUDA."""
+    synchronize = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    module(x).backward(grad)
+    synchronize()
+    return time.perf_counter() - start
+
+
+def _time_layers(modules: dict[str, nn.Module], x: torch.Tensor, budget_s: float) -> dict[str, list[float]]:
+    """Interleaved repetitions (the order rotates) so that a load change on the machine hits every layer."""
+    grad = torch.randn_like(modules["vanilla"](x))
+    warm_up = sum(_time_step(module, x, grad) for module in modules.values())
+    reps = min(40, max(8, int(budget_s / warm_up)))
+    names, times = list(modules), {name: [] for name in modules}
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            times[name].append(_time_step(modules[name], x, grad))
+    return times
+
+
+def _bench_layer_case(build: Callable[[str], nn.Module], x: torch.Tensor, budget_s: float) -> dict[str, Any]:
+    """Median times; ratios to vanilla: the median of those within one repetition (the headline), and
+    that of the fastest repetitions (other processes on the machine only ever add time)."""
+    to = {"device": x.device, "dtype": x.dtype, "memory_format": _LAYER_SETTINGS[x.device.type][1]}
+    times = _time_layers({name: build(name).to(**to) for name in LAYER_NAMES}, x, budget_s)
+    row: dict[str, Any] = {"reps": len(times["vanilla"])}
+    for name, seconds in times.items():
+        row[f"{name}_ms"] = round(1e3 * statistics.median(seconds), 3)
+        if name != "vanilla":
+            ratios = [t / t0 for t, t0 in zip(seconds, times["vanilla"], strict=True)]
+            row[f"{name}_ratio"] = round(statistics.median(ratios), 3)
+            row[f"{name}_ratio_fastest"] = round(min(seconds) / min(times["vanilla"]), 3)
+    return row
+
+
+def _layer_line(row: dict[str, Any]) -> str:
+    ratios = {
+        name: f"{row[f'{name}_ratio']:.3f}x ({row[f'{name}_ratio_fastest']:.3f}x)" for name in LAYER_NAMES[1:]
+    }
+    return _LAYER_COLUMNS.format(**row, **ratios)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def bench_layers(args: argparse.Namespace) -> None:
-    raise NotImplementedError
+    """Forward+backward time of coordbias and coordconv over nn.Conv2d's at the encoder's shapes."""
+    widths, size, batch, budget_s = ((4,), 16, 2, 0.1) if args.quick else ((32, 64), 128, 16, 20.0)
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    header = dict(device="dev", dtype="dtype", width="w", layer="layer", reps="reps", vanilla_ms="conv2d ms")
+    print(_LAYER_COLUMNS.format(**header, coordbias="coordbias (fastest)", coordconv="coordconv (fastest)"))
+    load_before = os.getloadavg()[0]
+    torch.manual_seed(0)
+    rows = []
+    for device in devices:
+        dtype, memory_format = _LAYER_SETTINGS[device]
+        for width in widths:
+            for layer, build, shape, needs_grad in _layer_cases(width, size, batch):
+                x = torch.rand(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+                row = {
+                    "device": device,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "width": width,
+                    "layer": layer,
+                }
+                row |= _bench_layer_case(build, x.requires_grad_(needs_grad), budget_s)
+                worst = max(row["coordbias_ratio"], row["coordconv_ratio"])
+                rows.append(row | {"meets_target": worst <= _LAYER_TARGETS[device]})
+                print(_layer_line(row), flush=True)
+    names = {"cpu": _cpu_name()}
+    names |= {"cuda": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
+    summary = {"torch": torch.__version__, "threads": torch.get_num_threads(), "devices": names}
+    summary |= {"load_average_1min": {"start": load_before, "end": os.getloadavg()[0]}}
+    summary |= {"batch": batch, "quick": args.quick, "targets": _LAYER_TARGETS, "results": rows}
+    write_json(Path("metrics/bench_layers.json"), summary)
+    print(f"{sum(row['meets_target'] for row in rows)}/{len(rows)} cases within target {_LAYER_TARGETS}")
 
 
-# ---- generate: owned by the data work (issue 4) ----
+# ---- generate ----
+
+
+SEED_GENERATOR_IMAGES_PER_S = 230  # the seed study's Python-loop generator, 128 px, 2 cores (DESIGN.md §2)
 
 
 def bench_generate(args: argparse.Namespace) -> None:
-    raise NotImplementedError
+    """Images/s of the generate stage's work at 128 px: scenes, circle table and .npy writes to disk.
+
+    The median of a few runs, each into a fresh folder deleted after it; the preview figure (a fixed
+    cost per run, not per image) is timed apart.
+    """
+    count, runs = (500, 1) if args.quick else (5000, 3)
+    seconds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_index in range(runs):
+            folder = Path(tmp) / str(run_index)
+            started = time.perf_counter()
+            write_scenes(folder, seed=run_index, size=128, count=count)
+            seconds.append(time.perf_counter() - started)
+            shutil.rmtree(folder)
+        sample = draw_scenes(6, 128, image_stream(0, 0))
+        started = time.perf_counter()
+        save_preview(sample.images, sample.labels, Path(tmp) / "preview.png")
+        preview_s = time.perf_counter() - started
+    rate = count / statistics.median(seconds)
+    print(
+        f"generate: {count} images of 128 px: {rate:.0f} images/s (median of {runs}), "
+        f"{rate / SEED_GENERATOR_IMAGES_PER_S:.1f}x the seed generator's ~{SEED_GENERATOR_IMAGES_PER_S}; "
+        f"preview figure {preview_s:.2f} s once per run"
+    )
 
 
-# ---- train: owned by the training work (issue 5) ----
+# ---- train ----
+
+
+def _bare_loop(model: nn.Module, params: TrainParams, data: LabelledImages, steps: int) -> float:
+    """Images/s of the plainest training loop over random tensors of the stage's shapes."""
+    optimizer = make_optimizer(model, params)
+    x = torch.rand(params.batch_size, 3, *data.images.shape[1:3], device=data.images.device)
+    y = torch.randint(0, N_CLASSES, (params.batch_size, *data.images.shape[1:3]), device=x.device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        with autocast(x.device, params.precision):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    loss.item()
+    return steps * params.batch_size / (time.perf_counter() - started)
+
+
+def _stage_loop(model: nn.Module, params: TrainParams, data: LabelledImages, live_dir: Path) -> float:
+    """Images/s of the train stage's own loop: uint8 data on the device, indexing, DVCLive logging."""
+    few = LabelledImages(data.images[:2], data.labels[:2])  # validation is timed apart by train()
+    with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+        return train(
+            model, data, few, params, LiveLog(live), val_every=10**9, val_batch_size=2
+        ).images_per_second
+
+
+def _flops_per_image(model: nn.Module, params: TrainParams, data: LabelledImages) -> float:
+    """Forward and backward FLOPs of one training image, counted by PyTorch."""
+    with FlopCounterMode(display=False) as counter:
+        train_step(
+            model, make_optimizer(model, params), data, torch.arange(1, device=data.images.device), params
+        )
+    return counter.get_total_flops()
 
 
 def bench_train(args: argparse.Namespace) -> None:
-    raise NotImplementedError
+    """Train-stage throughput against a bare loop over random tensors, interleaved in one run.
+
+    Uses params.yaml's model and train settings and the stage's data pipeline on freshly drawn scenes.
+    """
+    params = load_params()
+    device = resolve_device(params.device)
+    images = 64 if args.quick else 50 * params.train.batch_size
+    scenes = draw_scenes(images, params.generate.size, image_stream(params.seed, 0))
+    data = LabelledImages.from_arrays(scenes.images, scenes.labels, device)
+    one_epoch = dataclasses.replace(params.train, epochs=1)
+    spec = ModelSpec(layer=params.layer, **vars(params.model))
+    rates: dict[str, list[float]] = {"stage": [], "bare": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(1 if args.quick else 3):
+            model = FCN(spec).to(device)
+            rates["bare"].append(_bare_loop(model, one_epoch, data, len(data) // params.train.batch_size))
+            rates["stage"].append(_stage_loop(model, one_epoch, data, Path(tmp) / str(repeat)))
+    stage, bare = (statistics.median(rates[k]) for k in ("stage", "bare"))
+    flops = _flops_per_image(FCN(spec).to(device), one_epoch, data)
+    print(
+        f"train {spec.layer}, width {spec.width}, {params.generate.size} px, "
+        f"batch {params.train.batch_size}, {device}: stage {stage:.1f} img/s, bare loop {bare:.1f} img/s, "
+        f"stage/bare = {stage / bare:.3f} (target >= 0.90); "
+        f"{flops / 1e9:.2f} GFLOP per image, {stage * flops / 1e12:.3f} TFLOP/s achieved"
+    )
 
 
 BENCHMARKS = {"layers": bench_layers, "generate": bench_generate, "train": bench_train}
