@@ -31,13 +31,14 @@ def deep_update(data: dict, changes: dict) -> dict:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """The project's pipeline files and sources in a fresh git repo with tiny params, committed."""
-    for name in ("src", ".dvc", "dvc.yaml", ".dvcignore", ".gitignore"):
+    for name in ("src", ".dvc", "dvc.yaml", ".dvcignore", ".gitignore", "metrics/study.json"):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(
                 source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache")
             )
-        elif source.exists():
+        else:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(source, tmp_path / name)
     params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -353,3 +353,33 @@ def test_cuda_bfloat16_channels_last_follows_cpu(name: str) -> None:
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g.float().cpu(), e, rtol=0.05, atol=0.05 * e.abs().max().item())
+
+
+# ---- the study's controls: the same parameters without position information ----
+
+
+def _position_term(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """What the layer adds to the plain convolution with its own weights."""
+    plain = _plain(layer, 4, 6)
+    return layer(x) - functional_call(plain, _weights(layer.weight, layer.bias), (x,))
+
+
+def test_constant_coordinates_make_coordbias_a_plain_bias() -> None:
+    layer = _randomise(_layer("coordbias", {"kernel_size": 3, "padding": 1}, coords="constant"))
+    term = _position_term(layer, _input(7, 9))
+    expected = layer.coord_bias.sum(1).detach()  # a*1 + b*1 per channel, the same at every pixel
+    torch.testing.assert_close(term, expected[None, :, None, None].expand_as(term))
+
+
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+def test_shuffled_coordinates_permute_the_position_term_anew_at_every_call(name: str) -> None:
+    x = _input(6, 8)
+    centred = _randomise(_layer(name, {"kernel_size": 3, "padding": 1}))
+    shuffled = _layer(name, {"kernel_size": 3, "padding": 1}, coords="shuffled")
+    shuffled.load_state_dict(centred.state_dict())
+    reference = _position_term(centred, x).flatten(2)
+    first, second = (_position_term(shuffled, x).flatten(2) for _ in range(2))
+    for term in (first, second):  # same values per channel, at other pixels, the same for every image
+        torch.testing.assert_close(term.sort(-1).values, reference.sort(-1).values)
+        torch.testing.assert_close(term[0], term[1])
+    assert not torch.allclose(first, reference) and not torch.allclose(first, second)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_study import fake_study
 
 from posconv.compare import headline
 from posconv.config import load_params
-from posconv.report import fmt, render
+from posconv.report import fmt, interval, render
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("vanilla", "coordbias", "coordconv")
@@ -42,7 +43,8 @@ def table_row(report: str, first_cell: str) -> list[str]:
 def test_report_numbers_come_from_the_metrics(gain: float, word: str) -> None:
     evaluation, training, data = fake_metrics(gain)
     summary = headline("coordbias", evaluation, training)
-    report = render(load_params(ROOT / "params.yaml"), summary, evaluation, training, data)
+    study = fake_study()
+    report = render(load_params(ROOT / "params.yaml"), summary, evaluation, training, data, study)
     for key in (
         "miou",
         "position_recall",
@@ -60,6 +62,10 @@ def test_report_numbers_come_from_the_metrics(gain: float, word: str) -> None:
         assert row[3:7] == [fmt(r) for r in evaluation[model]["recall"]]
         assert row[-1] == fmt(training[model]["steps_to_position_recall_0_9"])
     assert f"**{word}" in report
+    for row in study["comparisons"]:
+        if row["quantity"] == "position_recall":
+            cells = table_row(report, row["question"])
+            assert cells[2] == interval(row["a_spread"]) and cells[4] == interval(row["b_spread"])
     assert fmt(summary["position_recall"]["coordbias"]) in report.split("## What the numbers say")[1]
 
 

@@ -55,7 +55,7 @@ class ModelParams:
     width: int = _range(2)
     encoder_batchnorm: bool
     placement: Literal["encoder", "all", "first"]
-    coords: Literal["centered", "seed"]
+    coords: Literal["centered", "seed", "constant", "shuffled"]
     with_r: bool
 
     def __post_init__(self) -> None:

@@ -4,6 +4,8 @@ Convention "centered": a location is named by where it sits in the layer's *inpu
 normalised to [-1, 1] (pixel `i` of `W` at `2*(i+0.5)/W - 1`); a convolution output sits at its kernel
 centre, input index `i*stride - pad_before + dilation*(k-1)/2`. So a place keeps one coordinate at every
 depth, whatever the striding. Convention "seed" is the seed layer's `i/(W-1)` in [0, 1], for comparison.
+Two controls keep the layers' parameters but take position away: "constant" maps are all ones, and
+"shuffled" gives each output pixel the coordinate term of a random other pixel, redrawn at every call.
 
 Maps are cached per (shape, geometry, convention, device, dtype): callers must not modify them.
 The largest, CoordConv's unfolded patches, holds (2 or 3)*kH*kW numbers per output pixel.
@@ -12,14 +14,15 @@ The largest, CoordConv's unfolded patches, holds (2 or 3)*kH*kW numbers per outp
 from __future__ import annotations
 
 import functools
+import typing
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-Convention = Literal["centered", "seed"]
-CONVENTIONS: tuple[str, ...] = ("centered", "seed")
+Convention = Literal["centered", "seed", "constant", "shuffled"]
+CONVENTIONS: tuple[str, ...] = typing.get_args(Convention)
 Padding = tuple[int, int] | str  # as nn.Conv2d stores it: ints per axis, or "same" / "valid"
 
 _Build = TypeVar("_Build", bound=Callable[..., torch.Tensor])
@@ -59,6 +62,8 @@ def pixel_coords(
 ) -> torch.Tensor:
     """Coordinates of the `size` pixels along one axis of a map."""
     i = _index(size, device, dtype)
+    if convention == "constant":
+        return torch.ones_like(i).to(dtype)
     if convention == "seed":
         return (i / max(size - 1, 1)).to(dtype)
     return ((2 * i + 1) / size - 1).to(dtype)
@@ -76,7 +81,7 @@ def centre_coords(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Coordinates of a convolution's `out_size` outputs along one axis: where their kernel centre sits."""
-    if convention == "seed":
+    if convention in ("seed", "constant"):
         return pixel_coords(out_size, convention, device, dtype)
     centre = _index(out_size, device, dtype) * stride - pad_amounts(padding, kernel, dilation)[0]
     centre = centre + dilation * (kernel - 1) / 2
@@ -176,3 +181,10 @@ def input_patches(
     )
     grid = F.pad(grid, (*width, *height), mode="constant" if padding_mode == "zeros" else padding_mode)
     return F.unfold(grid, kernel_size, dilation=dilation, stride=stride)[0]
+
+
+def positioned(basis: torch.Tensor, convention: str) -> torch.Tensor:
+    """The basis a layer adds, (K, H_out*W_out); under "shuffled", its pixels in a fresh random order."""
+    if convention != "shuffled":
+        return basis
+    return basis[:, torch.randperm(basis.shape[1], device=basis.device)]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from posconv.coords import check_convention, input_patches, output_grid
+from posconv.coords import check_convention, input_patches, output_grid, positioned
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
@@ -108,7 +108,7 @@ class CoordBias2d(nn.Conv2d):
             y.device,
             y.dtype,
         )
-        return _add_position_term(y, self.coord_bias, grid.flatten(1))
+        return _add_position_term(y, self.coord_bias, positioned(grid.flatten(1), self.coords))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, coords={self.coords}"
@@ -164,7 +164,7 @@ class CoordConv2d(nn.Conv2d):
             y.device,
             y.dtype,
         )
-        return _add_position_term(y, self.coord_weight.flatten(1), patches)
+        return _add_position_term(y, self.coord_weight.flatten(1), positioned(patches, self.coords))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, coords={self.coords}, with_r={self.with_r}"

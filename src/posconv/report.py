@@ -9,6 +9,7 @@ from posconv.cli import run
 from posconv.config import LAYERS, Params, load_params
 from posconv.io import atomic_outputs, read_json
 from posconv.metrics import position_recall
+from posconv.study import STUDY
 
 logger = logging.getLogger(__name__)
 REPORT = "plots/report.md"
@@ -30,7 +31,9 @@ def fmt(value: float | int | str | None) -> str:
         return "n/a"
     if isinstance(value, bool | str):
         return str(value)
-    return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.4f}"  # rates: 1 decimal; fractions: 4
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -125,7 +128,52 @@ def verdict(summary: dict) -> str:
     return f"## What the numbers say\n\nThis run {finding}. {speed} {cost} {caveat}"
 
 
-def render(params: Params, summary: dict, evaluation: dict, training: dict, data: dict) -> str:
+STUDY_QUANTITIES = (
+    "position_recall",
+    "steps_to_position_recall_0_9",
+    "miou",
+    "parameters",
+    "train_images_per_s",
+)
+BATCHNORM_ARGUMENT = (
+    "Why the coordinate bias survives BatchNorm: BatchNorm subtracts each channel's mean over the batch "
+    "and the pixels, so a plain bias (one constant per channel) is removed exactly and its gradient is "
+    "zero; the coordinate term `a X + b Y` differs from pixel to pixel, so only its mean is removed and "
+    "its gradient is not zero (`tests/test_layers.py` checks both on a real BatchNorm2d in training mode)."
+)
+
+
+def interval(values: dict) -> str:
+    return (
+        "n/a"
+        if values["mean"] is None
+        else f"{fmt(values['mean'])} [{fmt(values['min'])}, {fmt(values['max'])}]"
+    )
+
+
+def comparison_row(row: dict) -> list:
+    real = "**yes**" if row["separated"] else "no"
+    a, b = interval(row["a_spread"]), interval(row["b_spread"])
+    return [row["question"], f"`{row['a']}`", a, f"`{row['b']}`", b, row["quantity"], row["difference"], real]
+
+
+def study_section(study: dict) -> str:
+    """The open questions: every comparison as mean [min, max] over seeds, real only if they separate."""
+    rows = [comparison_row(row) for row in study["comparisons"] if row["quantity"] in STUDY_QUANTITIES]
+    cost = study["cost"] or {}
+    scale = ", ".join(f"`{key}={value}`" for key, value in study["scale"].items())
+    intro = (
+        f"{len(study['variants'])} variants x {len(study['seeds'])} seeds (data and training seed "
+        f"together) as DVC experiments (`python -m posconv.study run`) at a reduced scale: {scale}. "
+        f"Total cost: {fmt(cost.get('wall_s'))} s wall, {fmt(cost.get('cpu_s'))} s CPU. Values are "
+        "mean [min, max] over seeds; a difference is called real only when the min-max intervals "
+        "do not overlap."
+    )
+    header = ["question", "A", "A: mean [min, max]", "B", "B: mean [min, max]", "quantity", "A - B", "real?"]
+    return f"## The seed study's open questions\n\n{intro}\n\n{BATCHNORM_ARGUMENT}\n\n" + table(header, rows)
+
+
+def render(params: Params, summary: dict, evaluation: dict, training: dict, data: dict, study: dict) -> str:
     figures = "\n\n".join(f"### {title}\n\n![{title}]({path})" for title, path in FIGURES.items())
     sections = [
         "# posconv: where-aware convolutions, study report",
@@ -133,6 +181,7 @@ def render(params: Params, summary: dict, evaluation: dict, training: dict, data
         verdict(summary),
         headline_section(summary),
         models_section(evaluation, training),
+        study_section(study),
         "## Figures\n\n" + figures,
         params_section(params, data),
     ]
@@ -144,9 +193,9 @@ def main(argv: list[str]) -> None:
     summary = read_json("metrics/summary.json")
     evaluation = {m: read_json(f"metrics/evaluate/{m}.json") for m in LAYERS}
     training = {m: read_json(f"metrics/train/{m}/metrics.json") for m in LAYERS}
-    data = read_json("metrics/data.json")
+    data, study = read_json("metrics/data.json"), read_json(STUDY)
     with atomic_outputs(REPORT) as (temp,):
-        temp.write_text(render(params, summary, evaluation, training, data))
+        temp.write_text(render(params, summary, evaluation, training, data, study))
     logger.info(
         "wrote %s (%s position recall %s)",
         REPORT,
