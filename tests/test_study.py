@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from posconv.config import LAYERS
-from posconv.study import SEEDS, VARIANTS, aggregate, compare, experiment_args, experiment_metrics, spread
+from posconv.study import SEEDS, VARIANTS, aggregate, compare, experiment_args, experiment_revisions, spread
 
 
 def fake_run(variant: str, seed: int) -> dict:
@@ -23,23 +23,8 @@ def fake_run(variant: str, seed: int) -> dict:
     return files
 
 
-def exp_show(runs: dict[str, dict]) -> list[dict]:
-    """The shape `dvc exp show --json` prints: commits, each with experiments and their revisions."""
-    revs = [
-        {"name": name, "data": {"metrics": {p: {"data": d} for p, d in files.items()}}}
-        for name, files in runs.items()
-    ]
-    return [
-        {"rev": "workspace", "experiments": None},
-        {"rev": "HEAD", "experiments": [{"revs": revs[:5]}, {"revs": revs[5:]}]},
-    ]
-
-
 def fake_study() -> dict:
-    runs = {f"study-{v}-s{s}": fake_run(v, s) for v in VARIANTS for s in SEEDS}
-    results = aggregate(
-        experiment_metrics([*exp_show(runs), {"experiments": [{"revs": [{"name": "other"}]}]}])
-    )
+    results = aggregate({f"study-{v}-s{s}": fake_run(v, s) for v in VARIANTS for s in SEEDS})
     cost = {"wall_s": 100.0, "cpu_s": 190.0}
     return {"seeds": list(SEEDS), "scale": {"generate.size": 64}, "variants": VARIANTS,
             "cost": cost, "results": results, "comparisons": compare(results)}  # fmt: skip
@@ -50,6 +35,18 @@ def test_experiments_are_named_and_set_params_as_dvc_expects() -> None:
     assert args[:6] == ["dvc", "exp", "run", "--temp", "-n", "study-batchnorm-s2"]
     assert args[6:-1:2] == ["-S"] * 4 and args[-1] == "evaluate"
     assert args[7:-1:2] == ["seed=2", "train.seed=2", "generate.size=64", "model.encoder_batchnorm=true"]
+
+
+def test_finished_study_experiments_are_found_in_exp_show() -> None:
+    """The shape `dvc exp show --json` prints: commits, each with experiments and their revisions."""
+    experiment = {"revs": [{"name": "study-baseline-s0", "rev": "abc"}]}
+    running = {"revs": [{"name": "study-wide-s1", "rev": "def"}], "executor": {"state": "running"}}
+    other = {"revs": [{"name": "my-experiment", "rev": "123"}]}
+    shown = [
+        {"rev": "workspace", "experiments": None},
+        {"rev": "HEAD", "experiments": [experiment, running, other]},
+    ]
+    assert experiment_revisions(shown) == {"study-baseline-s0": "abc"}
 
 
 def test_spread_counts_unreached_targets_apart() -> None:

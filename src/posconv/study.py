@@ -128,16 +128,27 @@ def run_grid(scale: dict) -> dict:
     return {"wall_s": time.perf_counter() - started, "cpu_s": children.ru_utime + children.ru_stime}
 
 
-def experiment_metrics(shown: list[dict]) -> dict[str, dict]:
-    """Metrics files of each named study experiment in `dvc exp show --json` output."""
-    found = {}
-    for commit in shown:
-        for experiment in commit.get("experiments") or []:
-            for revision in experiment["revs"]:
-                name = revision.get("name") or ""
-                if name.startswith("study-") and revision.get("data"):
-                    found[name] = {path: entry["data"] for path, entry in revision["data"]["metrics"].items()}
-    return found
+def experiment_revisions(shown: list[dict]) -> dict[str, str]:
+    """Git revision of each finished study experiment in `dvc exp show --json` output."""
+    return {
+        revision["name"]: revision["rev"]
+        for commit in shown
+        for experiment in commit.get("experiments") or []
+        for revision in experiment["revs"]
+        if (revision.get("name") or "").startswith("study-") and not experiment.get("executor")
+    }
+
+
+def read_metrics(revision: str) -> dict[str, dict]:
+    """An experiment's metrics files, whole, from its git commit (`dvc exp show` drops list values)."""
+    paths = [f"metrics/evaluate/{model}.json" for model in LAYERS] + [
+        f"metrics/train/{model}/metrics.json" for model in LAYERS
+    ]
+    return {path: json.loads(_git_show(f"{revision}:{path}")) for path in paths}
+
+
+def _git_show(spec: str) -> str:
+    return subprocess.run(["git", "show", spec], check=True, capture_output=True, text=True).stdout
 
 
 def spread(values: list[float | None]) -> dict:
@@ -191,7 +202,7 @@ def collect(cost: dict | None) -> None:
     shown = json.loads(
         subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
     )
-    results = aggregate(experiment_metrics(shown))
+    results = aggregate({name: read_metrics(rev) for name, rev in experiment_revisions(shown).items()})
     write_json(STUDY, {"seeds": list(SEEDS), "scale": SCALE, "variants": VARIANTS, "cost": cost,
                        "results": results, "comparisons": compare(results)})  # fmt: skip
     logger.info("wrote %s: %d variants x %d seeds", STUDY, len(VARIANTS), len(SEEDS))
