@@ -32,8 +32,9 @@ def fake_metrics(position_gain: float) -> tuple[dict, dict, dict]:
     return evaluation, training, data
 
 
-def table_row(report: str, first_cell: str) -> list[str]:
-    line = next(line for line in report.splitlines() if line.startswith(f"| {first_cell} |"))
+def table_row(report: str, first_cell: str, containing: str = "") -> list[str]:
+    lines = report.splitlines()
+    line = next(line for line in lines if line.startswith(f"| {first_cell} |") and containing in line)
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
@@ -64,7 +65,7 @@ def test_report_numbers_come_from_the_metrics(gain: float, word: str) -> None:
     assert f"**{word}" in report
     for row in study["comparisons"]:
         if row["quantity"] == "position_recall":
-            cells = table_row(report, row["question"])
+            cells = table_row(report, row["question"], "| position_recall |")
             assert cells[2] == interval(row["a_spread"]) and cells[4] == interval(row["b_spread"])
     assert fmt(summary["position_recall"]["coordbias"]) in report.split("## What the numbers say")[1]
 

@@ -15,6 +15,7 @@ def fake_run(variant: str, seed: int) -> dict:
         recall = 0.4 + 0.1 * seed if model == "vanilla" else 0.9 + 0.01 * seed
         files[f"metrics/evaluate/{model}.json"] = {
             "recall": [0.99, recall, recall, recall], "miou": recall - 0.1, "position_error_rate": 1 - recall,
+            "circle_accuracy": recall, "inference_images_per_s": 200.0,
         }  # fmt: skip
         files[f"metrics/train/{model}/metrics.json"] = {
             "steps_to_position_recall_0_9": None if model == "vanilla" else 40 + seed,

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from posconv.metrics import position_recall
 
-# headline key -> how to read it from (evaluation metrics, training metrics) of one model
-HEADLINE: dict[str, Callable[[dict, dict], float | None]] = {
+# quantity -> how to read it from one model's (evaluation metrics, training metrics)
+QUANTITIES: dict[str, Callable[[dict, dict], float | None]] = {
     "miou": lambda evaluation, training: evaluation["miou"],
     "position_recall": lambda evaluation, training: position_recall(evaluation["recall"]),
     "position_error_rate": lambda evaluation, training: evaluation["position_error_rate"],
@@ -22,7 +22,7 @@ HEADLINE: dict[str, Callable[[dict, dict], float | None]] = {
 def headline(layer: str, evaluation: dict[str, dict], training: dict[str, dict]) -> dict:
     """For each headline quantity: vanilla's value, the layer's, and the layer's minus vanilla's."""
     summary: dict = {"layer": layer}
-    for key, read in HEADLINE.items():
+    for key, read in QUANTITIES.items():
         base, value = (read(evaluation[m], training[m]) for m in ("vanilla", layer))
         difference = None if base is None or value is None else value - base
         summary[key] = {"vanilla": base, layer: value, "difference": difference}

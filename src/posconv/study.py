@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from posconv.cli import run
+from posconv.compare import QUANTITIES
 from posconv.config import LAYERS
 from posconv.io import read_json, write_json
-from posconv.metrics import position_recall
 
 logger = logging.getLogger(__name__)
 STUDY = "metrics/study.json"
@@ -41,14 +41,6 @@ VARIANTS = {  # name -> params changed from the study scale
     "shuffled": {"model.coords": "shuffled"},  # Q2b
     "with_r": {"model.with_r": True},  # Q3: CoordConv with the radius channel
     "seed_coords": {"model.coords": "seed"},  # Q3: the seed's coordinate convention
-}
-QUANTITIES = {  # name -> read from one model's (evaluation, training) metrics
-    "position_recall": lambda evaluation, training: position_recall(evaluation["recall"]),
-    "miou": lambda evaluation, training: evaluation["miou"],
-    "position_error_rate": lambda evaluation, training: evaluation["position_error_rate"],
-    "steps_to_position_recall_0_9": lambda evaluation, training: training["steps_to_position_recall_0_9"],
-    "parameters": lambda evaluation, training: training["parameters"],
-    "train_images_per_s": lambda evaluation, training: training["train_images_per_s"],
 }
 # (question, (variant, model) A, (variant, model) B): each compared on every quantity
 COMPARISONS = [
