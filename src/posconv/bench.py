@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import platform
 import shutil
@@ -36,12 +37,14 @@ from posconv.train import LiveLog
 
 
 _LAYER_TARGETS = {"cpu": 1.10, "cuda": 1.05}  # max fwd+bwd time of a position-aware layer / nn.Conv2d's
-_LAYER_SETTINGS = {  # device: (dtype, memory format) benchmarked there
-    "cpu": (torch.float32, torch.contiguous_format),
-    "cuda": (torch.bfloat16, torch.channels_last),
+_LAYER_SETTINGS = {  # device: (dtype, memory format) pairs benchmarked there (the model: channels_last)
+    "cpu": ((torch.float32, torch.contiguous_format), (torch.float32, torch.channels_last)),
+    "cuda": ((torch.bfloat16, torch.channels_last),),
 }
+_FORMAT_NAMES = {torch.contiguous_format: "NCHW", torch.channels_last: "NHWC"}
 _LAYER_COLUMNS = (
-    "{device:<5}{dtype:<9}{width:>3}  {layer:<15}{reps:>5}{vanilla_ms:>11} {coordbias:>19} {coordconv:>19}"
+    "{device:<5}{dtype:<9}{format:<6}{width:>3}  {layer:<15}{reps:>5}{vanilla_ms:>11}"
+    " {coordbias:>19} {coordconv:>19}"
 )
 
 
@@ -93,10 +96,12 @@ def _time_layers(modules: dict[str, nn.Module], x: torch.Tensor, budget_s: float
     return times
 
 
-def _bench_layer_case(build: Callable[[str], nn.Module], x: torch.Tensor, budget_s: float) -> dict[str, Any]:
+def _bench_layer_case(
+    build: Callable[[str], nn.Module], x: torch.Tensor, memory_format: torch.memory_format, budget_s: float
+) -> dict[str, Any]:
     """Median times; ratios to vanilla: the median of those within one repetition (the headline), and
     that of the fastest repetitions (other processes on the machine only ever add time)."""
-    to = {"device": x.device, "dtype": x.dtype, "memory_format": _LAYER_SETTINGS[x.device.type][1]}
+    to = {"device": x.device, "dtype": x.dtype, "memory_format": memory_format}
     times = _time_layers({name: build(name).to(**to) for name in LAYER_NAMES}, x, budget_s)
     row: dict[str, Any] = {"reps": len(times["vanilla"])}
     for name, seconds in times.items():
@@ -125,28 +130,25 @@ def _cpu_name() -> str:
 
 def bench_layers(args: argparse.Namespace) -> None:
     """Forward+backward time of coordbias and coordconv over nn.Conv2d's at the encoder's shapes."""
-    widths, size, batch, budget_s = ((4,), 16, 2, 0.1) if args.quick else ((32, 64), 128, 16, 20.0)
+    widths, size, batch, budget_s = ((4,), 16, 2, 0.1) if args.quick else ((32, 64), 128, 16, 12.0)
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    header = dict(device="dev", dtype="dtype", width="w", layer="layer", reps="reps", vanilla_ms="conv2d ms")
+    header = dict(device="dev", dtype="dtype", format="mem", width="w", layer="layer", reps="reps")
+    header |= dict(vanilla_ms="conv2d ms")
     print(_LAYER_COLUMNS.format(**header, coordbias="coordbias (fastest)", coordconv="coordconv (fastest)"))
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     rows = []
-    for device in devices:
-        dtype, memory_format = _LAYER_SETTINGS[device]
-        for width in widths:
-            for layer, build, shape, needs_grad in _layer_cases(width, size, batch):
-                x = torch.rand(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-                row = {
-                    "device": device,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "width": width,
-                    "layer": layer,
-                }
-                row |= _bench_layer_case(build, x.requires_grad_(needs_grad), budget_s)
-                worst = max(row["coordbias_ratio"], row["coordconv_ratio"])
-                rows.append(row | {"meets_target": worst <= _LAYER_TARGETS[device]})
-                print(_layer_line(row), flush=True)
+    settings = [(device, *setting) for device in devices for setting in _LAYER_SETTINGS[device]]
+    for (device, dtype, memory_format), width in itertools.product(settings, widths):
+        for layer, build, shape, needs_grad in _layer_cases(width, size, batch):
+            x = torch.rand(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+            x.requires_grad_(needs_grad)
+            row = {"device": device, "dtype": str(dtype).removeprefix("torch.")}
+            row |= {"format": _FORMAT_NAMES[memory_format], "width": width, "layer": layer}
+            row |= _bench_layer_case(build, x, memory_format, budget_s)
+            worst = max(row["coordbias_ratio"], row["coordconv_ratio"])
+            rows.append(row | {"meets_target": worst <= _LAYER_TARGETS[device]})
+            print(_layer_line(row), flush=True)
     names = {"cpu": _cpu_name()}
     names |= {"cuda": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
     summary = {"torch": torch.__version__, "threads": torch.get_num_threads(), "devices": names}

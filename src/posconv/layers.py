@@ -38,9 +38,9 @@ def _term(coefficients: torch.Tensor, basis: torch.Tensor, y: torch.Tensor) -> t
 class _AddPositionTerm(torch.autograd.Function):
     """`y += coefficients @ basis` for every image of the batch, in place.
 
-    The backward sums the gradient over the batch as one matrix-vector product over the gradient in
-    its memory order: faster than `sum(0)` even for NCHW, and autograd's own broadcast backward sums
-    a channels_last gradient ~20x slower.
+    The backward sums the gradient over the batch in its memory order (one streaming pass, the
+    fastest reduction measured on CPU; autograd's own broadcast backward sums a channels_last
+    gradient far slower), then takes one small product with the basis.
     """
 
     @staticmethod
@@ -55,11 +55,11 @@ class _AddPositionTerm(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:
             return grad, None, None
         (basis,) = ctx.saved_tensors
-        channels_last = _is_channels_last(grad)
-        order = (0, 2, 3, 1) if channels_last else (0, 1, 2, 3)
-        summed = grad.new_ones(1, len(grad)) @ grad.permute(order).reshape(len(grad), -1)
-        per_pixel = summed.view(-1, grad.shape[1]).T if channels_last else summed.view(grad.shape[1], -1)
-        return grad, per_pixel @ basis.T, None
+        n, c = grad.shape[:2]
+        if _is_channels_last(grad):
+            per_pixel = grad.permute(0, 2, 3, 1).reshape(n, -1, c).sum(0)  # (H*W, C)
+            return grad, (basis @ per_pixel).T, None
+        return grad, grad.reshape(n, c, -1).sum(0) @ basis.T, None
 
 
 def _add_position_term(y: torch.Tensor, coefficients: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
