@@ -14,6 +14,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from posconv.model import SPEC_FIELDS
+
 STAGES = ["generate", "split", "train_vanilla", "train_coordbias", "train_coordconv", "evaluate", "report"]
 MODELS = ["vanilla", "coordbias", "coordconv"]
 
@@ -45,6 +47,17 @@ def test_dvc_yaml_has_the_stages_and_lists_exactly_the_sources_each_reads() -> N
         expected = {f"src/{m.replace('.', '/')}.py" for m in imported_modules(module)}
         listed = {dep for dep in stage["deps"] if dep.startswith("src/")}
         assert listed == expected, name
+
+
+def test_each_train_stage_lists_exactly_the_model_params_its_network_reads() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    model_fields = set(yaml.safe_load((ROOT / "params.yaml").read_text())["model"])
+    for layer, fields in SPEC_FIELDS.items():
+        listed = stages[f"train_{layer}"]["params"]
+        named = {p.removeprefix("model.") for p in listed if p.startswith("model.")}
+        read = model_fields if "model" in listed else named
+        assert read == set(fields), layer
+        assert {"device", "train"} <= set(listed), layer
 
 
 def set_param(project: Path, group: str, key: str, value: object) -> None:
@@ -110,6 +123,7 @@ def test_repro_then_experiment_then_compare(project: Path, sh: Callable) -> None
     assert stages_changed_by(project, sh, "generate", "images", 60) == {"generate", "split", "report"}
     assert stages_changed_by(project, sh, "train", "epochs", 2) == {*STAGES[2:5], "report"}
     assert stages_changed_by(project, sh, "evaluate", "examples", 1) == {"evaluate", "report"}
+    assert stages_changed_by(project, sh, "model", "with_r", True) == {"train_coordconv", "report"}
 
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "tiny results")

@@ -24,7 +24,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from posconv.cli import run
 from posconv.config import TrainParams, load_params
 from posconv.data import write_scenes
-from posconv.engine import LabelledImages, autocast, make_optimizer, resolve_device, train, train_step
+from posconv.engine import (
+    LabelledImages,
+    autocast,
+    make_optimizer,
+    place,
+    resolve_device,
+    train,
+    train_step,
+)
 from posconv.io import write_json
 from posconv.layers import LAYER_NAMES, make_conv
 from posconv.metrics import N_CLASSES
@@ -198,6 +206,7 @@ def _bare_loop(model: nn.Module, params: TrainParams, data: LabelledImages, step
     """Images/s of the plainest training loop over random tensors of the stage's shapes."""
     optimizer = make_optimizer(model, params)
     x = torch.rand(params.batch_size, 3, *data.images.shape[1:3], device=data.images.device)
+    x = x.contiguous(memory_format=torch.channels_last if params.channels_last else torch.contiguous_format)
     y = torch.randint(0, N_CLASSES, (params.batch_size, *data.images.shape[1:3]), device=x.device)
     started = time.perf_counter()
     for _ in range(steps):
@@ -239,15 +248,15 @@ def bench_train(args: argparse.Namespace) -> None:
     scenes = draw_scenes(images, params.generate.size, image_stream(params.seed, 0))
     data = LabelledImages.from_arrays(scenes.images, scenes.labels, device)
     one_epoch = dataclasses.replace(params.train, epochs=1)
-    spec = ModelSpec(layer=params.layer, **vars(params.model))
+    spec = ModelSpec.of(params.layer, vars(params.model))
     rates: dict[str, list[float]] = {"stage": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(1 if args.quick else 3):
-            model = FCN(spec).to(device)
+            model = place(FCN(spec), device, params.train.channels_last)
             rates["bare"].append(_bare_loop(model, one_epoch, data, len(data) // params.train.batch_size))
             rates["stage"].append(_stage_loop(model, one_epoch, data, Path(tmp) / str(repeat)))
     stage, bare = (statistics.median(rates[k]) for k in ("stage", "bare"))
-    flops = _flops_per_image(FCN(spec).to(device), one_epoch, data)
+    flops = _flops_per_image(place(FCN(spec), device, params.train.channels_last), one_epoch, data)
     print(
         f"train {spec.layer}, width {spec.width}, {params.generate.size} px, "
         f"batch {params.train.batch_size}, {device}: stage {stage:.1f} img/s, bare loop {bare:.1f} img/s, "

@@ -67,6 +67,11 @@ class LabelledImages:
         return len(self.images)
 
 
+def place(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """Move `model` to `device`, its weights channels_last if asked (`to_input` makes the input match)."""
+    return model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+
 def to_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """uint8 NHWC to float NCHW in [0, 1]; the NHWC bytes already are the channels_last layout."""
     x = images.permute(0, 3, 1, 2).float().div_(255)

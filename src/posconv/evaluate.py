@@ -19,7 +19,7 @@ from posconv.cli import run
 from posconv.compare import headline
 from posconv.config import LAYERS, load_params
 from posconv.data import load_labelled_npz, load_scenes, load_split
-from posconv.engine import LabelledImages, predict, resolve_device
+from posconv.engine import LabelledImages, place, predict, resolve_device
 from posconv.io import atomic_outputs, read_json, write_json
 from posconv.metrics import circle_votes, score
 from posconv.model import load_model
@@ -44,7 +44,7 @@ def evaluate_pipeline() -> None:
     test = LabelledImages.from_arrays(images, labels, device)
     results, votes, predictions = {}, {}, {}
     for layer in LAYERS:
-        model = load_model(Path("models") / f"{layer}.pt", device)
+        model = place(load_model(Path("models") / f"{layer}.pt"), device, params.train.channels_last)
         predicted, images_per_s = predict(
             model, test.images, params.evaluate.batch_size, params.train.precision, params.train.channels_last
         )

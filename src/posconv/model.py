@@ -7,8 +7,10 @@ The model picks a layer *name* per convolution and never looks at the layer's ty
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +34,21 @@ class ModelSpec:
     placement: str = "encoder"  # encoder | all | first
     coords: str = "centered"
     with_r: bool = False
+
+    @classmethod
+    def of(cls, layer: str, options: Mapping[str, Any]) -> ModelSpec:
+        """The spec of `layer`'s network from model options, keeping only those it reads (SPEC_FIELDS)."""
+        return cls(layer=layer, **{name: options[name] for name in SPEC_FIELDS[layer]})
+
+
+# The model options each layer's network reads: a vanilla network has no position-aware layer to place
+# or feed coordinates. The train stages in dvc.yaml list exactly these, so a change re-trains only
+# the networks it touches.
+SPEC_FIELDS: dict[str, tuple[str, ...]] = {
+    "vanilla": ("width", "encoder_batchnorm"),
+    "coordbias": ("width", "encoder_batchnorm", "placement", "coords"),
+    "coordconv": ("width", "encoder_batchnorm", "placement", "coords", "with_r"),
+}
 
 
 class FCN(nn.Module):

@@ -19,7 +19,7 @@ from dvclive import Live
 from posconv.cli import run
 from posconv.config import LAYERS, load_params
 from posconv.data import load_scenes, load_split
-from posconv.engine import LabelledImages, peak_memory_mb, resolve_device, train
+from posconv.engine import LabelledImages, peak_memory_mb, place, resolve_device, train
 from posconv.model import FCN, ModelSpec, count_parameters, save_model
 
 logger = logging.getLogger(__name__)
@@ -65,10 +65,8 @@ def main(argv: list[str]) -> None:
         for name in ("train", "val")
     )
     torch.manual_seed(params.train.seed)
-    spec = ModelSpec(layer=layer, **vars(params.model))
-    model = FCN(spec).to(
-        device, memory_format=torch.channels_last if params.train.channels_last else torch.preserve_format
-    )
+    spec = ModelSpec.of(layer, vars(params.model))
+    model = place(FCN(spec), device, params.train.channels_last)
     live_dir = Path("metrics/train") / layer
     started = time.perf_counter()
     try:
@@ -89,7 +87,7 @@ def main(argv: list[str]) -> None:
                 wall_time_s=time.perf_counter() - started,
                 parameters=count_parameters(model),
                 extra_parameters=count_parameters(model)
-                - count_parameters(FCN(ModelSpec(**{**vars(spec), "layer": "vanilla"}))),
+                - count_parameters(FCN(ModelSpec.of("vanilla", vars(spec)))),
                 peak_memory_mb=peak_memory_mb(device),
                 device=str(device),
             )
