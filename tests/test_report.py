@@ -10,6 +10,7 @@ from test_study import fake_study
 from posconv.compare import headline
 from posconv.config import load_params
 from posconv.report import fmt, interval, render
+from posconv.study import spread
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("vanilla", "coordbias", "coordconv")
@@ -78,3 +79,9 @@ def test_headline_differences_and_ratios() -> None:
     assert summary["parameter_overhead"] == pytest.approx(1.0)
     assert summary["train_time_ratio"] == pytest.approx(20 / 18)
     assert summary["steps_to_position_recall_0_9"]["difference"] is None
+
+
+def test_intervals_say_which_seeds_missed_a_target() -> None:
+    assert interval(spread([3.0, 1.0, 2.0])) == "2.0000 [1.0000, 3.0000]"
+    assert interval(spread([110, None, 130], floors=[240] * 3)) == "110, 130; 1/3 not reached by step 240"
+    assert interval(spread([None] * 3, floors=[240] * 3)) == "3/3 not reached by step 240"

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from posconv.config import LAYERS
-from posconv.study import SEEDS, VARIANTS, aggregate, compare, experiment_args, experiment_revisions, spread
+from posconv.errors import BadInput
+from posconv.model import FCN, ModelSpec, count_parameters
+from posconv.study import (
+    SCALE,
+    SEEDS,
+    VARIANTS,
+    aggregate,
+    compare,
+    experiment_args,
+    experiment_revisions,
+    load_study,
+    spread,
+)
 
 
 def fake_run(variant: str, seed: int) -> dict:
@@ -18,7 +33,7 @@ def fake_run(variant: str, seed: int) -> dict:
             "circle_accuracy": recall, "inference_images_per_s": 200.0,
         }  # fmt: skip
         files[f"metrics/train/{model}/metrics.json"] = {
-            "steps_to_position_recall_0_9": None if model == "vanilla" else 40 + seed,
+            "steps_to_position_recall_0_9": None if model == "vanilla" else 40 + seed, "steps": 60,
             "parameters": 100 if model == "vanilla" else 110, "train_images_per_s": 50.0,
         }  # fmt: skip
     return files
@@ -38,21 +53,38 @@ def test_experiments_are_named_and_set_params_as_dvc_expects() -> None:
     assert args[7:-1:2] == ["seed=2", "train.seed=2", "generate.size=64", "model.encoder_batchnorm=true"]
 
 
+def experiment(name: str, rev: str, timestamp: str | None, **extra: object) -> dict:
+    """One experiment as `dvc exp show --json` prints it."""
+    return {"revs": [{"name": name, "rev": rev, "data": {"timestamp": timestamp}}], **extra}
+
+
 def test_finished_study_experiments_are_found_in_exp_show() -> None:
-    """The shape `dvc exp show --json` prints: commits, each with experiments and their revisions."""
-    experiment = {"revs": [{"name": "study-baseline-s0", "rev": "abc"}]}
-    running = {"revs": [{"name": "study-wide-s1", "rev": "def"}], "executor": {"state": "running"}}
-    other = {"revs": [{"name": "my-experiment", "rev": "123"}]}
+    newer = experiment("study-baseline-s0", "abc", "2026-11-22T03:02:21")
+    older = experiment("study-baseline-s0", "0ld", "2026-11-21T10:00:00")
+    running = experiment("study-wide-s1", "def", None, executor={"state": "running"})
+    other = experiment("my-experiment", "123", "2026-11-22T03:00:00")
     shown = [
         {"rev": "workspace", "experiments": None},
-        {"rev": "HEAD", "experiments": [experiment, running, other]},
+        {"rev": "HEAD", "experiments": [newer, running, other]},
+        {"rev": "HEAD~1", "experiments": [older]},
     ]
     assert experiment_revisions(shown) == {"study-baseline-s0": "abc"}
 
 
-def test_spread_counts_unreached_targets_apart() -> None:
-    assert spread([3.0, None, 1.0]) == {"mean": 2.0, "min": 1.0, "max": 3.0, "values": [3.0, None, 1.0]}
-    assert spread([None, None])["mean"] is None
+def test_spread_floors_unreached_targets_by_their_run_length() -> None:
+    assert spread([3.0, 1.0, 2.0]) == {
+        "mean": 2.0,
+        "min": 1.0,
+        "max": 3.0,
+        "reached": 3,
+        "not_reached_by": None,
+        "values": [3.0, 1.0, 2.0],
+    }
+    partly = spread([30, None, 10], floors=[60, 60, 60])
+    assert (partly["mean"], partly["min"], partly["max"], partly["reached"]) == (None, 10, None, 2)
+    never = spread([None, None], floors=[50, 60])  # above 50 and above 60: at least above 50
+    assert (never["min"], never["max"], never["not_reached_by"]) == (50, None, 60)
+    assert spread([None, None])["min"] is None  # no floor: nothing is known
 
 
 def test_results_and_verdicts_follow_the_metrics() -> None:
@@ -65,4 +97,23 @@ def test_results_and_verdicts_follow_the_metrics() -> None:
     same = rows[("Q3 coordconv with r vs without", "position_recall")]
     assert not same["separated"] and same["difference"] == pytest.approx(0.0)
     never = rows[("Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm", "steps_to_position_recall_0_9")]
-    assert never["difference"] is None and not never["separated"]
+    assert never["difference"] is None and never["separated"]  # coordbias by step 42, vanilla not by 60
+    faster = rows[("Q3 coordbias vs coordconv", "steps_to_position_recall_0_9")]
+    assert faster["difference"] == pytest.approx(0.0) and not faster["separated"]
+
+
+def test_widened_vanilla_has_more_parameters_than_coordconv_at_the_study_scale() -> None:
+    width = SCALE["model.width"]
+    wide = count_parameters(FCN(ModelSpec("vanilla", VARIANTS["wide"]["model.width"])))
+    assert wide > count_parameters(FCN(ModelSpec("coordconv", width, with_r=True)))
+
+
+def test_a_study_file_of_another_format_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(fake_study()))
+    assert load_study(path)["seeds"] == list(SEEDS)
+    older = fake_study()
+    del older["comparisons"][0]["a_spread"]["not_reached_by"]
+    path.write_text(json.dumps(older))
+    with pytest.raises(BadInput, match="not a study in this version's format"):
+        load_study(path)

@@ -9,7 +9,7 @@ from posconv.cli import run
 from posconv.config import LAYERS, Params, load_params
 from posconv.io import atomic_outputs, read_json
 from posconv.metrics import position_recall
-from posconv.study import STUDY
+from posconv.study import load_study
 
 logger = logging.getLogger(__name__)
 REPORT = "plots/report.md"
@@ -144,11 +144,13 @@ BATCHNORM_ARGUMENT = (
 
 
 def interval(values: dict) -> str:
-    return (
-        "n/a"
-        if values["mean"] is None
-        else f"{fmt(values['mean'])} [{fmt(values['min'])}, {fmt(values['max'])}]"
-    )
+    """mean [min, max] over seeds; where seeds missed a target, the values reached and how many missed."""
+    if values["mean"] is not None:
+        return f"{fmt(values['mean'])} [{fmt(values['min'])}, {fmt(values['max'])}]"
+    reached = ", ".join(fmt(v) for v in values["values"] if v is not None)
+    by = "" if values["not_reached_by"] is None else f" by step {fmt(values['not_reached_by'])}"
+    missed = f"{len(values['values']) - values['reached']}/{len(values['values'])} not reached{by}"
+    return f"{reached}; {missed}" if reached else missed
 
 
 def comparison_row(row: dict) -> list:
@@ -193,7 +195,7 @@ def main(argv: list[str]) -> None:
     summary = read_json("metrics/summary.json")
     evaluation = {m: read_json(f"metrics/evaluate/{m}.json") for m in LAYERS}
     training = {m: read_json(f"metrics/train/{m}/metrics.json") for m in LAYERS}
-    data, study = read_json("metrics/data.json"), read_json(STUDY)
+    data, study = read_json("metrics/data.json"), load_study()
     with atomic_outputs(REPORT) as (temp,):
         temp.write_text(render(params, summary, evaluation, training, data, study))
     logger.info(

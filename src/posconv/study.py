@@ -9,6 +9,7 @@ real only when the min-max intervals over seeds do not overlap.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import resource
@@ -20,23 +21,32 @@ from pathlib import Path
 from posconv.cli import run
 from posconv.compare import QUANTITIES
 from posconv.config import LAYERS
+from posconv.errors import BadInput
 from posconv.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 STUDY = "metrics/study.json"
 SEEDS = (0, 1, 2)  # data seed and training seed together
-SCALE = {  # small enough for the whole grid to finish on a 2-core CPU in well under 45 minutes
-    "generate.size": 64,
-    "generate.images": 600,
-    "model.width": 8,
-    "train.epochs": 4,
+SCALE = {  # the seed's 128 px, sized so that the grid finishes on a 2-core CPU in under 45 minutes
+    "generate.size": 128,
+    "generate.images": 800,  # 480 train, 160 validation, 160 test
+    "model.width": 16,
+    "train.epochs": 4,  # 240 steps: enough for the position-aware layers to reach recall 0.9
     "train.val_every": 10,
 }
-FULL_SCALE = {"generate.images": 10000, "split.val": 0.25, "split.test": 0.25, "model.width": 64}
+FULL_SCALE = {  # the seed's scale, for a GPU: 5000 train and 2500 validation images of 128 px, width 64
+    "generate.size": 128,
+    "generate.images": 10000,
+    "split.val": 0.25,
+    "split.test": 0.25,
+    "model.width": 64,
+    "train.epochs": 2,
+    "train.val_every": 50,
+}
 VARIANTS = {  # name -> params changed from the study scale
     "baseline": {},
     "batchnorm": {"model.encoder_batchnorm": True},  # Q1
-    "wide": {"model.width": 10},  # Q2a: its vanilla has more parameters than coordconv at width 8
+    "wide": {"model.width": 18},  # Q2a: its vanilla has more parameters than coordconv at width 16
     "constant": {"model.coords": "constant"},  # Q2b: same parameters, no position
     "shuffled": {"model.coords": "shuffled"},  # Q2b
     "with_r": {"model.with_r": True},  # Q3: CoordConv with the radius channel
@@ -121,14 +131,18 @@ def run_grid(scale: dict) -> dict:
 
 
 def experiment_revisions(shown: list[dict]) -> dict[str, str]:
-    """Git revision of each finished study experiment in `dvc exp show --json` output."""
-    return {
-        revision["name"]: revision["rev"]
+    """Git revision of each finished study experiment in `dvc exp show --json --all-commits` output;
+    the newest run where a name ran more than once (on another commit, say)."""
+    finished = sorted(
+        (revision["data"]["timestamp"], revision["name"], revision["rev"])
         for commit in shown
         for experiment in commit.get("experiments") or []
         for revision in experiment["revs"]
-        if (revision.get("name") or "").startswith("study-") and not experiment.get("executor")
-    }
+        if (revision.get("name") or "").startswith("study-")
+        and (revision.get("data") or {}).get("timestamp")
+        and not experiment.get("executor")
+    )
+    return {name: revision for _, name, revision in finished}
 
 
 def read_metrics(revision: str) -> dict[str, dict]:
@@ -143,30 +157,41 @@ def _git_show(spec: str) -> str:
     return subprocess.run(["git", "show", spec], check=True, capture_output=True, text=True).stdout
 
 
-def spread(values: list[float | None]) -> dict:
-    """Mean and min-max over seeds; a None (e.g. a recall target never reached) is counted apart."""
+SPREAD_KEYS = {"mean", "min", "max", "reached", "not_reached_by", "values"}
+
+
+def spread(values: list[float | None], floors: list[float] | None = None) -> dict:
+    """Mean and min-max over seeds. A None is a target that a seed did not reach within its run's
+    `floors` steps: its value lies above that floor, so the floor bounds `min` from below, while `mean`
+    and `max` are unknown (None)."""
     known = [v for v in values if v is not None]
-    if not known:
-        return {"mean": None, "min": None, "max": None, "values": values}
-    return {"mean": statistics.fmean(known), "min": min(known), "max": max(known), "values": values}
+    missed = [f for v, f in zip(values, floors or [None] * len(values), strict=True) if v is None and f]
+    complete = len(known) == len(values)
+    return {
+        "mean": statistics.fmean(known) if known and complete else None,
+        "min": min(known + missed) if known + missed else None,
+        "max": max(known) if known and complete else None,
+        "reached": len(known),
+        "not_reached_by": max(missed) if missed else None,
+        "values": values,
+    }
+
+
+def _below(a: dict, b: dict) -> bool:
+    return a["max"] is not None and b["min"] is not None and a["max"] < b["min"]
 
 
 def aggregate(metrics: dict[str, dict]) -> dict:
-    """variant -> model -> quantity -> spread over seeds."""
+    """variant -> model -> quantity -> spread over seeds (steps to a target: floored by the run's steps)."""
     results: dict = {}
-    for variant in VARIANTS:
+    for variant, model in itertools.product(VARIANTS, LAYERS):
         runs = [metrics[experiment_name(variant, seed)] for seed in SEEDS]
-        results[variant] = {
-            model: {
-                quantity: spread(
-                    [
-                        read(r[f"metrics/evaluate/{model}.json"], r[f"metrics/train/{model}/metrics.json"])
-                        for r in runs
-                    ]
-                )
-                for quantity, read in QUANTITIES.items()
-            }
-            for model in LAYERS
+        paths = f"metrics/evaluate/{model}.json", f"metrics/train/{model}/metrics.json"
+        files = [(run[paths[0]], run[paths[1]]) for run in runs]  # (evaluation, training) per seed
+        steps = [training["steps"] for _, training in files]
+        results.setdefault(variant, {})[model] = {
+            quantity: spread([read(*f) for f in files], steps if quantity.startswith("steps_to_") else None)
+            for quantity, read in QUANTITIES.items()
         }
     return results
 
@@ -177,14 +202,24 @@ def compare(results: dict) -> list[dict]:
     for question, (variant_a, model_a), (variant_b, model_b) in COMPARISONS:
         for quantity in QUANTITIES:
             a, b = results[variant_a][model_a][quantity], results[variant_b][model_b][quantity]
-            known = a["mean"] is not None and b["mean"] is not None
+            both = a["mean"] is not None and b["mean"] is not None
             rows.append({
                 "question": question, "quantity": quantity,
                 "a": f"{variant_a}/{model_a}", "b": f"{variant_b}/{model_b}", "a_spread": a, "b_spread": b,
-                "difference": a["mean"] - b["mean"] if known else None,
-                "separated": known and (a["min"] > b["max"] or b["min"] > a["max"]),
+                "difference": a["mean"] - b["mean"] if both else None,
+                "separated": _below(a, b) or _below(b, a),
             })  # fmt: skip
     return rows
+
+
+def load_study(path: str | Path = STUDY) -> dict:
+    """The collected study, refused in one line if it is not in this version's format."""
+    study = read_json(path)
+    rows = study.get("comparisons") if isinstance(study, dict) else None
+    spreads = [row.get(side) for row in rows or [] for side in ("a_spread", "b_spread")]
+    if not rows or not all(isinstance(s, dict) and s.keys() >= SPREAD_KEYS for s in spreads):
+        raise BadInput(f"{path}: not a study in this version's format (run: python -m posconv.study collect)")
+    return study
 
 
 def collect(cost: dict | None) -> None:
@@ -192,7 +227,9 @@ def collect(cost: dict | None) -> None:
     if cost is None and Path(STUDY).exists():
         cost = read_json(STUDY)["cost"]
     shown = json.loads(
-        subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
+        subprocess.run(
+            ["dvc", "exp", "show", "--json", "--all-commits"], check=True, capture_output=True, text=True
+        ).stdout
     )
     results = aggregate({name: read_metrics(rev) for name, rev in experiment_revisions(shown).items()})
     write_json(STUDY, {"seeds": list(SEEDS), "scale": SCALE, "variants": VARIANTS, "cost": cost,
@@ -205,7 +242,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("step", choices=["run", "collect"])
     parser.add_argument("--full-scale", action="store_true", help="the seed's scale (for a GPU), not SCALE")
     args = parser.parse_args(argv)
-    cost = run_grid({**SCALE, **FULL_SCALE} if args.full_scale else SCALE) if args.step == "run" else None
+    cost = run_grid(FULL_SCALE if args.full_scale else SCALE) if args.step == "run" else None
     collect(cost)
 
 
