@@ -9,7 +9,7 @@ from test_study import fake_study
 
 from posconv.compare import headline
 from posconv.config import load_params
-from posconv.report import fmt, interval, render
+from posconv.report import fmt, interval, render, study_section
 from posconv.study import spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +85,15 @@ def test_intervals_say_which_seeds_missed_a_target() -> None:
     assert interval(spread([3.0, 1.0, 2.0])) == "2.0000 [1.0000, 3.0000]"
     assert interval(spread([110, None, 130], floors=[240] * 3)) == "110, 130; 1/3 not reached by step 240"
     assert interval(spread([None] * 3, floors=[240] * 3)) == "3/3 not reached by step 240"
+
+
+def test_each_open_question_is_answered_in_one_line_from_its_intervals() -> None:
+    lines = study_section(fake_study()).splitlines()
+
+    def answer(question: str) -> str:
+        return next(line for line in lines if line.startswith(f"- **{question}**"))
+
+    bn = answer("Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm")
+    assert "0.9100 [0.9000, 0.9200] against 0.5000 [0.4000, 0.6000], real: A higher" in bn
+    assert "41.0 [40, 42] against 3/3 not reached by step 60, real: A faster" in bn
+    assert answer("Q3 coordconv with r vs without").count("no real difference") == 2

@@ -159,9 +159,32 @@ def comparison_row(row: dict) -> list:
     return [row["question"], f"`{row['a']}`", a, f"`{row['b']}`", b, row["quantity"], row["difference"], real]
 
 
+def _real(row: dict, above: str, below: str) -> str:
+    if not row["separated"]:
+        return "no real difference"
+    return f"real: A {below if row['a_below_b'] else above}"
+
+
+def answer(recall: dict, steps: dict) -> str:
+    """One question in a line: A against B on position recall and on steps to recall 0.9."""
+    return (
+        f"- **{recall['question']}** (A `{recall['a']}`, B `{recall['b']}`): test position recall "
+        f"{interval(recall['a_spread'])} against {interval(recall['b_spread'])}, "
+        f"{_real(recall, 'higher', 'lower')}; steps to validation position recall 0.9 "
+        f"{interval(steps['a_spread'])} against {interval(steps['b_spread'])}, "
+        f"{_real(steps, 'slower', 'faster')}."
+    )
+
+
 def study_section(study: dict) -> str:
     """The open questions: every comparison as mean [min, max] over seeds, real only if they separate."""
     rows = [comparison_row(row) for row in study["comparisons"] if row["quantity"] in STUDY_QUANTITIES]
+    by_quantity = {(row["question"], row["quantity"]): row for row in study["comparisons"]}
+    questions = dict.fromkeys(row["question"] for row in study["comparisons"])
+    answers = "\n".join(
+        answer(by_quantity[q, "position_recall"], by_quantity[q, "steps_to_position_recall_0_9"])
+        for q in questions
+    )
     cost = study["cost"] or {}
     scale = ", ".join(f"`{key}={value}`" for key, value in study["scale"].items())
     intro = (
@@ -172,7 +195,8 @@ def study_section(study: dict) -> str:
         "do not overlap."
     )
     header = ["question", "A", "A: mean [min, max]", "B", "B: mean [min, max]", "quantity", "A - B", "real?"]
-    return f"## The seed study's open questions\n\n{intro}\n\n{BATCHNORM_ARGUMENT}\n\n" + table(header, rows)
+    sections = [intro, BATCHNORM_ARGUMENT, answers, "Every comparison and quantity:", table(header, rows)]
+    return "## The seed study's open questions\n\n" + "\n\n".join(sections)
 
 
 def render(params: Params, summary: dict, evaluation: dict, training: dict, data: dict, study: dict) -> str:

@@ -207,7 +207,7 @@ def compare(results: dict) -> list[dict]:
                 "question": question, "quantity": quantity,
                 "a": f"{variant_a}/{model_a}", "b": f"{variant_b}/{model_b}", "a_spread": a, "b_spread": b,
                 "difference": a["mean"] - b["mean"] if both else None,
-                "separated": _below(a, b) or _below(b, a),
+                "separated": _below(a, b) or _below(b, a), "a_below_b": _below(a, b),
             })  # fmt: skip
     return rows
 
