@@ -9,8 +9,8 @@ from test_study import fake_study
 
 from posconv.compare import headline
 from posconv.config import load_params
+from posconv.grid import spread
 from posconv.report import fmt, interval, render, study_section
-from posconv.study import spread
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("vanilla", "coordbias", "coordconv")

@@ -1,4 +1,4 @@
-"""The study's grid, and its reading of `dvc exp show --json` into spreads and verdicts."""
+"""The study: its grid, its reading of `dvc exp show --json`, and its spreads and verdicts over seeds."""
 
 from __future__ import annotations
 
@@ -9,18 +9,9 @@ import pytest
 
 from posconv.config import LAYERS
 from posconv.errors import BadInput
+from posconv.grid import SCALE, SEEDS, VARIANTS, aggregate, compare, load_study, spread
 from posconv.model import FCN, ModelSpec, count_parameters
-from posconv.study import (
-    SCALE,
-    SEEDS,
-    VARIANTS,
-    aggregate,
-    compare,
-    experiment_args,
-    experiment_revisions,
-    load_study,
-    spread,
-)
+from posconv.study import experiment_args, experiment_revisions
 
 
 def fake_run(variant: str, seed: int) -> dict:

@@ -7,9 +7,9 @@ from dataclasses import asdict
 
 from posconv.cli import run
 from posconv.config import LAYERS, Params, load_params
+from posconv.grid import load_study
 from posconv.io import atomic_outputs, read_json
 from posconv.metrics import position_recall
-from posconv.study import load_study
 
 logger = logging.getLogger(__name__)
 REPORT = "plots/report.md"
