@@ -10,7 +10,7 @@ from test_study import fake_study
 from posconv.compare import headline
 from posconv.config import load_params
 from posconv.grid import spread
-from posconv.report import fmt, interval, render, study_section
+from posconv.report import fmt, interval, layer_cost_section, render, study_section
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("vanilla", "coordbias", "coordconv")
@@ -27,10 +27,26 @@ def fake_metrics(position_gain: float) -> tuple[dict, dict, dict]:
         }  # fmt: skip
         training[model] = {
             "parameters": 1000 + 500 * index, "train_images_per_s": 20.0 - index,
-            "steps_to_position_recall_0_9": None if model == "vanilla" else 40 * index,
+            "steps_to_position_recall_0_9": None if model == "vanilla" else 40 * index, "steps": 60,
         }  # fmt: skip
     data = {name: {"images": count} for name, count in (("train", 6), ("val", 2), ("test", 2))}
     return evaluation, training, data
+
+
+def fake_bench() -> dict:
+    """metrics/bench_layers.json of two layer cases and the stack, on one CPU setting."""
+    cases = [("3->8 @128", 1.08, 1.02), ("8->8 @128", 1.01, 1.12), ("encoder stack", 1.03, 1.04)]
+    results = [
+        {"device": "cpu", "dtype": "float32", "format": "NHWC", "width": 8, "layer": layer,
+         "coordbias_ratio": bias, "coordconv_ratio": conv}
+        for layer, bias, conv in cases
+    ]  # fmt: skip
+    return {"devices": {"cpu": "AMD EPYC"}, "batch": 16, "targets": {"cpu": 1.1}, "results": results}
+
+
+def test_layer_cost_shows_the_stack_and_the_worst_single_layer() -> None:
+    row = table_row(layer_cost_section(fake_bench()), "cpu (AMD EPYC)")
+    assert row[1:] == ["float32", "NHWC", "8", "1.0300", "1.0400", "1.1200 (`8->8 @128`)", "1.1000"]
 
 
 def table_row(report: str, first_cell: str, containing: str = "") -> list[str]:
@@ -46,7 +62,8 @@ def test_report_numbers_come_from_the_metrics(gain: float, word: str) -> None:
     evaluation, training, data = fake_metrics(gain)
     summary = headline("coordbias", evaluation, training)
     study = fake_study()
-    report = render(load_params(ROOT / "params.yaml"), summary, evaluation, training, data, study)
+    params = load_params(ROOT / "params.yaml")
+    report = render(params, summary, evaluation, training, data, study, fake_bench())
     for key in (
         "miou",
         "position_recall",
@@ -68,7 +85,9 @@ def test_report_numbers_come_from_the_metrics(gain: float, word: str) -> None:
         if row["quantity"] == "position_recall":
             cells = table_row(report, row["question"], "| position_recall |")
             assert cells[2] == interval(row["a_spread"]) and cells[4] == interval(row["b_spread"])
-    assert fmt(summary["position_recall"]["coordbias"]) in report.split("## What the numbers say")[1]
+    said = report.split("## What the numbers say")[1].split("##")[0]
+    assert fmt(summary["position_recall"]["coordbias"]) in said
+    assert "after 40 steps for `coordbias`, and not within its 60 steps for `vanilla`" in said
 
 
 def test_headline_differences_and_ratios() -> None:

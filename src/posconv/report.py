@@ -13,6 +13,7 @@ from posconv.metrics import position_recall
 
 logger = logging.getLogger(__name__)
 REPORT = "plots/report.md"
+BENCH_LAYERS = "metrics/bench_layers.json"  # written by `python -m posconv.bench layers`
 MARGIN = 0.05  # a position-recall difference smaller than this is not called a gain or a loss
 CLASSES = ("0 background", "1 yellow right", "2 yellow left", "3 red bottom")
 FIGURES = {
@@ -100,7 +101,11 @@ def models_section(evaluation: dict[str, dict], training: dict[str, dict]) -> st
     return "## All models (test split)\n\n" + table(header, rows)
 
 
-def verdict(summary: dict) -> str:
+def _reached(steps: int | None, total: int) -> str:
+    return f"after {fmt(steps)} steps" if steps is not None else f"not within its {fmt(total)} steps"
+
+
+def verdict(summary: dict, training: dict[str, dict]) -> str:
     """What the headline says about the seed study's claim, in words chosen by the numbers."""
     layer, recall = summary["layer"], summary["position_recall"]
     gain = recall["difference"]
@@ -115,16 +120,17 @@ def verdict(summary: dict) -> str:
         f"against {fmt(recall['vanilla'])} for `vanilla` (difference {fmt(gain)})"
     )
     steps = summary["steps_to_position_recall_0_9"]
+    reached = {m: _reached(steps[m], training[m]["steps"]) for m in (layer, "vanilla")}
     speed = (
-        f"Validation recall on the position classes reached 0.9 after {fmt(steps[layer])} steps "
-        f"for `{layer}` and {fmt(steps['vanilla'])} for `vanilla` (n/a: not reached)."
+        f"Validation recall on the position classes reached 0.9 {reached[layer]} for `{layer}`, "
+        f"and {reached['vanilla']} for `vanilla`."
     )
     cost = (
         f"The layer adds {fmt(summary['parameters']['difference'])} parameters "
         f"({fmt(100 * summary['parameter_overhead'])} % of vanilla) and trains at "
         f"{fmt(summary['train_time_ratio'])}x vanilla's time per image."
     )
-    caveat = "One training seed: differences smaller than the seed-to-seed spread are not findings."
+    caveat = "One training seed here: the open questions below repeat the comparison over several seeds."
     return f"## What the numbers say\n\nThis run {finding}. {speed} {cost} {caveat}"
 
 
@@ -199,15 +205,44 @@ def study_section(study: dict) -> str:
     return "## The seed study's open questions\n\n" + "\n\n".join(sections)
 
 
-def render(params: Params, summary: dict, evaluation: dict, training: dict, data: dict, study: dict) -> str:
+def layer_cost_section(bench: dict) -> str:
+    """Q3's speed: each layer's forward+backward time over nn.Conv2d's, from the layer benchmark."""
+    settings: dict[tuple, list[dict]] = {}
+    for row in bench["results"]:
+        settings.setdefault((row["device"], row["dtype"], row["format"], row["width"]), []).append(row)
+    rows = []
+    for (device, dtype, memory_format, width), cases in settings.items():
+        stack = next(case for case in cases if case["layer"] == "encoder stack")
+        single = [case for case in cases if case is not stack]
+        worst = max(single, key=lambda case: max(case["coordbias_ratio"], case["coordconv_ratio"]))
+        worst_ratio = max(worst["coordbias_ratio"], worst["coordconv_ratio"])
+        rows.append([
+            f"{device} ({bench['devices'][device]})", dtype, memory_format, width,
+            stack["coordbias_ratio"], stack["coordconv_ratio"], f"{fmt(worst_ratio)} (`{worst['layer']}`)",
+            fmt(bench["targets"][device]),
+        ])  # fmt: skip
+    intro = (
+        "Forward+backward time over `nn.Conv2d`'s at the encoder's shapes (128 px, batch "
+        f"{bench['batch']}), the median of per-repetition ratios over interleaved repetitions "
+        "(`python -m posconv.bench layers`, `metrics/bench_layers.json`): the six encoder convolutions "
+        "with their ReLUs and pools as in the model, and the worst single convolution of the six."
+    )
+    header = ["device", "dtype", "memory", "width", "coordbias: stack", "coordconv: stack", "worst single"]
+    return f"## Cost of the layers\n\n{intro}\n\n" + table([*header, "target"], rows)
+
+
+def render(
+    params: Params, summary: dict, evaluation: dict, training: dict, data: dict, study: dict, bench: dict
+) -> str:
     figures = "\n\n".join(f"### {title}\n\n![{title}]({path})" for title, path in FIGURES.items())
     sections = [
         "# posconv: where-aware convolutions, study report",
         "Written by the `report` stage of `dvc repro`; every number is read from `metrics/`.",
-        verdict(summary),
+        verdict(summary, training),
         headline_section(summary),
         models_section(evaluation, training),
         study_section(study),
+        layer_cost_section(bench),
         "## Figures\n\n" + figures,
         params_section(params, data),
     ]
@@ -219,9 +254,9 @@ def main(argv: list[str]) -> None:
     summary = read_json("metrics/summary.json")
     evaluation = {m: read_json(f"metrics/evaluate/{m}.json") for m in LAYERS}
     training = {m: read_json(f"metrics/train/{m}/metrics.json") for m in LAYERS}
-    data, study = read_json("metrics/data.json"), load_study()
+    data, study, bench = read_json("metrics/data.json"), load_study(), read_json(BENCH_LAYERS)
     with atomic_outputs(REPORT) as (temp,):
-        temp.write_text(render(params, summary, evaluation, training, data, study))
+        temp.write_text(render(params, summary, evaluation, training, data, study, bench))
     logger.info(
         "wrote %s (%s position recall %s)",
         REPORT,
