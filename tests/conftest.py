@@ -31,7 +31,8 @@ def deep_update(data: dict, changes: dict) -> dict:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """The project's pipeline files and sources in a fresh git repo with tiny params, committed."""
-    for name in ("src", ".dvc", "dvc.yaml", ".dvcignore", ".gitignore", "metrics/study.json"):
+    inputs = ("metrics/study.json", "metrics/bench_layers.json")  # committed inputs of the report stage
+    for name in ("src", ".dvc", "dvc.yaml", ".dvcignore", ".gitignore", *inputs):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(
