@@ -213,12 +213,14 @@ def layer_cost_section(bench: dict) -> str:
     rows = []
     for (device, dtype, memory_format, width), cases in settings.items():
         stack = next(case for case in cases if case["layer"] == "encoder stack")
-        single = [case for case in cases if case is not stack]
-        worst = max(single, key=lambda case: max(case["coordbias_ratio"], case["coordconv_ratio"]))
-        worst_ratio = max(worst["coordbias_ratio"], worst["coordconv_ratio"])
+        worst_ratio, worst = max(
+            (max(case["coordbias_ratio"], case["coordconv_ratio"]), case["layer"])
+            for case in cases
+            if case is not stack
+        )
         rows.append([
             f"{device} ({bench['devices'][device]})", dtype, memory_format, width,
-            stack["coordbias_ratio"], stack["coordconv_ratio"], f"{fmt(worst_ratio)} (`{worst['layer']}`)",
+            stack["coordbias_ratio"], stack["coordconv_ratio"], f"{fmt(worst_ratio)} (`{worst}`)",
             fmt(bench["targets"][device]),
         ])  # fmt: skip
     intro = (
@@ -227,8 +229,9 @@ def layer_cost_section(bench: dict) -> str:
         "(`python -m posconv.bench layers`, `metrics/bench_layers.json`): the six encoder convolutions "
         "with their ReLUs and pools as in the model, and the worst single convolution of the six."
     )
-    header = ["device", "dtype", "memory", "width", "coordbias: stack", "coordconv: stack", "worst single"]
-    return f"## Cost of the layers\n\n{intro}\n\n" + table([*header, "target"], rows)
+    header = ["device", "dtype", "memory", "width", "coordbias: stack", "coordconv: stack"]
+    header += ["worst single", "target"]
+    return f"## Cost of the layers\n\n{intro}\n\n" + table(header, rows)
 
 
 def render(
