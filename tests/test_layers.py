@@ -30,6 +30,8 @@ GEOMETRIES: list[tuple[int, int, dict[str, Any]]] = [
     (9, 8, dict(kernel_size=3, stride=3, padding=2, dilation=2, groups=2, padding_mode="reflect")),
     (5, 3, dict(kernel_size=3, padding="valid")),  # a 1-pixel-wide output
     (4, 5, dict(kernel_size=1, stride=2)),
+    (7, 7, dict(kernel_size=3, stride=3, padding=1)),  # zero padding in pixels, as in the model:
+    (10, 9, dict(kernel_size=3, stride=2, padding=(2, 1), dilation=2, groups=2, bias=False)),
 ]
 IDS = [f"{h}x{w}-" + "-".join(f"{k}={v}" for k, v in kw.items()) for h, w, kw in GEOMETRIES]
 
@@ -124,8 +126,8 @@ def _forward_and_grads(module: Any, x: torch.Tensor, params: list[torch.Tensor])
     """The output, then the gradients of a random projection of it w.r.t. the input and `params`."""
     x = x.detach().requires_grad_()
     y = module(x)
-    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
-    weights = torch.empty_like(y).copy_(weights)  # in y's memory layout, as a real upstream gradient is
+    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weights = torch.empty_like(y).copy_(weights)  # y's dtype and memory layout, as a real upstream gradient
     return [y, *torch.autograd.grad((y * weights).sum(), [x, *params])]
 
 
@@ -294,6 +296,40 @@ def test_channels_last_is_kept_and_gives_the_same_numbers(name: str) -> None:
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("h", "w", "kwargs"), GEOMETRIES, ids=IDS)
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+def test_float32_channels_last_on_cpu_fuses_where_it_can_and_follows_float64(
+    h: int, w: int, kwargs: dict[str, Any], name: str
+) -> None:
+    """Zero padding given in pixels takes the fused convolution (bias and term in its epilogue, their
+    gradients from one batch sum); the other paddings take the plain path. Both give float64's numbers."""
+    layer = _randomise(_layer(name, kwargs))
+    expected = _forward_and_grads(layer, _input(h, w), _parameters(layer))
+    layer = layer.to(torch.float32, memory_format=torch.channels_last)
+    x = _input(h, w).to(torch.float32, memory_format=torch.channels_last)
+    got = _forward_and_grads(layer, x, _parameters(layer))
+    fusable = kwargs.get("padding_mode", "zeros") == "zeros" and not isinstance(kwargs.get("padding", 0), str)
+    assert (got[0].grad_fn.name() == "_ConvPlusTermBackward") == fusable
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert len(got) == 2 + len(_parameters(layer))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+def test_at_batch_size_one_the_output_may_be_modified_in_place(name: str) -> None:
+    """At batch 1 the term broadcast over the batch is already dense; the output must still be a tensor
+    of its own, not a view, or autograd refuses an in-place op after the layer (ReLU(inplace=True))."""
+    layer = _randomise(_layer(name, dict(kernel_size=3, padding=1), torch.float32))
+    layer = layer.to(memory_format=torch.channels_last)
+    x = _input(8, 8, torch.float32)[:1].contiguous(memory_format=torch.channels_last)
+    expected = layer(x).relu()
+    got = torch.relu_(layer(x))
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
 
 
 @pytest.mark.parametrize("name", ["coordbias", "coordconv"])
