@@ -72,6 +72,8 @@ class _AddPositionTerm(torch.autograd.Function):
         return grad, coefficients_grad, None
 
 
+_Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]  # stride, padding, dilation, groups
+
 # oneDNN's convolution that adds a tensor in its epilogue (what Inductor's CPU fusions call)
 _CONV_ADD = (
     getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)
@@ -97,7 +99,7 @@ class _ConvPlusTerm(torch.autograd.Function):
         bias: torch.Tensor | None,
         coefficients: torch.Tensor,
         basis: torch.Tensor,
-        geometry: tuple,
+        geometry: _Geometry,
         height: int,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight, basis)
@@ -113,26 +115,18 @@ class _ConvPlusTerm(torch.autograd.Function):
         x, weight, basis = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
         needs = ctx.needs_input_grad
-        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad,
-            x,
-            weight,
-            None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0, 0],
-            groups,
-            [needs[0], needs[1], False],
+        mask = [needs[0], needs[1], False]  # the bias's gradient comes from the term's batch sum
+        conv_backward = torch.ops.aten.convolution_backward
+        grad_x, grad_weight, _ = conv_backward(
+            grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, mask
         )
         coefficients_grad, bias_grad = _term_gradients(grad, basis, (needs[3], needs[2]))
         return grad_x, grad_weight, bias_grad, coefficients_grad, None, None, None
 
 
 def _fusable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Where the fused convolution is measured faster: float32 channels_last on CPU, zero padding
-    given in pixels, outside autocast and torch.compile (which would not see inside it)."""
+    """Where the fused convolution is measured faster (with glibc's default allocator): float32
+    channels_last on CPU, zero padding given in pixels, outside autocast and torch.compile."""
     return (
         _CONV_ADD is not None
         and x.device.type == "cpu"
