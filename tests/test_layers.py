@@ -319,6 +319,21 @@ def test_float32_channels_last_on_cpu_fuses_where_it_can_and_follows_float64(
 
 
 @pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+def test_fused_path_differentiates_twice_like_the_plain_path(name: str) -> None:
+    """A gradient penalty differentiates the layer twice (input gradient, then the weights')."""
+    layer = _randomise(_layer(name, dict(kernel_size=3, stride=2, padding=1), torch.float32))
+    results = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):  # plain path, then fused
+        layer = layer.to(memory_format=memory_format)
+        x = _input(9, 7, torch.float32).contiguous(memory_format=memory_format).requires_grad_()
+        (input_grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        penalty_grads = torch.autograd.grad(input_grad.square().sum(), _parameters(layer))
+        results.append([input_grad, *penalty_grads])
+    for fused, plain in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
 def test_at_batch_size_one_the_output_may_be_modified_in_place(name: str) -> None:
     """At batch 1 the term broadcast over the batch is already dense; the output must still be a tensor
     of its own, not a view, or autograd refuses an in-place op after the layer (ReLU(inplace=True))."""
