@@ -142,10 +142,11 @@ STUDY_QUANTITIES = (
     "train_images_per_s",
 )
 BATCHNORM_ARGUMENT = (
-    "Why the coordinate bias survives BatchNorm: BatchNorm subtracts each channel's mean over the batch "
-    "and the pixels, so a plain bias (one constant per channel) is removed exactly and its gradient is "
-    "zero; the coordinate term `a X + b Y` differs from pixel to pixel, so only its mean is removed and "
-    "its gradient is not zero (`tests/test_layers.py` checks both on a real BatchNorm2d in training mode)."
+    "Why BatchNorm cannot cancel the coordinate bias as it cancels a plain one: BatchNorm subtracts "
+    "each channel's mean over the batch and the pixels, so a plain bias (one constant per channel) is "
+    "removed exactly and its gradient is zero; the coordinate term `a X + b Y` differs from pixel to "
+    "pixel, so only its mean is removed and its gradient is not zero (`tests/test_layers.py` checks "
+    "both on a real BatchNorm2d in training mode)."
 )
 
 
