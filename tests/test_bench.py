@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
+
+from posconv.bench import flops_per_image
+from posconv.config import load_params
+from posconv.engine import LabelledImages
+from posconv.model import ModelSpec
+from posconv.scenes import draw_scenes, image_stream
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_layer_benchmark_prints_a_ratio_per_layer_and_keeps_committed_results(
@@ -27,3 +38,17 @@ def test_generate_and_train_benchmarks_print_their_rates(sh: Callable) -> None:
     rates = re.search(r"stage ([\d.]+) img/s, bare loop ([\d.]+) img/s", train)
     stage, bare = (float(rate) for rate in rates.groups())
     assert stage > 0 and bare > 0 and "TFLOP/s achieved" in train
+
+
+def test_flops_per_image_count_every_convolution_whatever_path_the_layers_take() -> None:
+    """channels_last on CPU takes the fused oneDNN op, which FlopCounterMode does not see: the count must
+    still include it (coordbias adds a few FLOPs to vanilla's, never removes the encoder's)."""
+    committed = load_params(ROOT / "params.yaml")
+    params = dataclasses.replace(committed.train, channels_last=True)
+    model = vars(committed.model) | {"width": 4}
+    scenes = draw_scenes(2, 32, image_stream(0, 0))
+    data = LabelledImages.from_arrays(scenes.images, scenes.labels, torch.device("cpu"))
+    vanilla, coordbias = (
+        flops_per_image(ModelSpec.of(layer, model), params, data) for layer in ("vanilla", "coordbias")
+    )
+    assert vanilla < coordbias < 1.1 * vanilla

@@ -229,12 +229,16 @@ def _stage_loop(model: nn.Module, params: TrainParams, data: LabelledImages, liv
         ).images_per_second
 
 
-def _flops_per_image(model: nn.Module, params: TrainParams, data: LabelledImages) -> float:
-    """Forward and backward FLOPs of one training image, counted by PyTorch."""
+def flops_per_image(spec: ModelSpec, params: TrainParams, data: LabelledImages) -> float:
+    """Forward and backward FLOPs of one training image, counted by PyTorch.
+
+    Counted in NCHW: the count does not depend on the layout, and FlopCounterMode does not know the
+    fused oneDNN convolution the layers take in channels_last on CPU.
+    """
+    nchw = dataclasses.replace(params, channels_last=False)
+    model = place(FCN(spec), data.images.device, channels_last=False)
     with FlopCounterMode(display=False) as counter:
-        train_step(
-            model, make_optimizer(model, params), data, torch.arange(1, device=data.images.device), params
-        )
+        train_step(model, make_optimizer(model, nchw), data, torch.arange(1, device=data.images.device), nchw)
     return counter.get_total_flops()
 
 
@@ -257,7 +261,7 @@ def bench_train(args: argparse.Namespace) -> None:
             rates["bare"].append(_bare_loop(model, one_epoch, data, len(data) // params.train.batch_size))
             rates["stage"].append(_stage_loop(model, one_epoch, data, Path(tmp) / str(repeat)))
     stage, bare = (statistics.median(rates[k]) for k in ("stage", "bare"))
-    flops = _flops_per_image(place(FCN(spec), device, params.train.channels_last), one_epoch, data)
+    flops = flops_per_image(spec, one_epoch, data)
     print(
         f"train {spec.layer}, width {spec.width}, {params.generate.size} px, "
         f"batch {params.train.batch_size}, {device}: stage {stage:.1f} img/s, bare loop {bare:.1f} img/s, "
