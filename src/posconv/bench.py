@@ -30,6 +30,7 @@ from posconv.engine import (
     make_optimizer,
     place,
     resolve_device,
+    to_input,
     train,
     train_step,
 )
@@ -206,8 +207,9 @@ def bench_generate(args: argparse.Namespace) -> None:
 def _bare_loop(model: nn.Module, params: TrainParams, data: LabelledImages, steps: int) -> float:
     """Images/s of the plainest training loop over random tensors of the stage's shapes."""
     optimizer = make_optimizer(model, params)
-    x = torch.rand(params.batch_size, 3, *data.images.shape[1:3], device=data.images.device)
-    x = x.contiguous(memory_format=torch.channels_last if params.channels_last else torch.contiguous_format)
+    shape = (params.batch_size, *data.images.shape[1:])
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, device=data.images.device)
+    x = to_input(images, params.channels_last)  # the stage's layout, as the stage makes it
     y = torch.randint(0, N_CLASSES, (params.batch_size, *data.images.shape[1:3]), device=x.device)
     started = time.perf_counter()
     for _ in range(steps):
