@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from posconv.bench import flops_per_image
 from posconv.config import load_params
 from posconv.engine import LabelledImages
 from posconv.model import ModelSpec
 from posconv.scenes import draw_scenes, image_stream
+from posconv.tools.bench import flops_per_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,19 +21,19 @@ def test_layer_benchmark_prints_a_ratio_per_layer_and_keeps_committed_results(
     project: Path, sh: Callable
 ) -> None:
     committed = (project / "metrics/bench_layers.json").read_bytes()
-    output = sh("python", "-m", "posconv.bench", "layers", "--quick").stdout
+    output = sh("python", "-m", "posconv.tools.bench", "layers", "--quick").stdout
     rows = [line for line in output.splitlines() if line.startswith("cpu ")]
     assert len(rows) == 2 * 7  # NCHW and NHWC: six encoder convolutions and the stack
     for row in rows:
         ratios = [float(r) for r in re.findall(r"(\d+\.\d+)x", row)]
-        assert len(ratios) == 4 and all(0.1 < r < 100 for r in ratios), row
+        assert len(ratios) == 8 and all(0.1 < r < 100 for r in ratios), row  # plain and fused, 2 each
     assert (project / "metrics/bench_layers.json").read_bytes() == committed
 
 
 def test_generate_and_train_benchmarks_print_their_rates(sh: Callable) -> None:
-    generate = sh("python", "-m", "posconv.bench", "generate", "--quick").stdout
+    generate = sh("python", "-m", "posconv.tools.bench", "generate", "--quick").stdout
     assert float(re.search(r"(\d+) images/s", generate).group(1)) > 0
-    train = sh("python", "-m", "posconv.bench", "train", "--quick").stdout
+    train = sh("python", "-m", "posconv.tools.bench", "train", "--quick").stdout
     rates = re.search(r"stage ([\d.]+) img/s, bare loop ([\d.]+) img/s", train)
     stage, bare = (float(rate) for rate in rates.groups())
     assert stage > 0 and bare > 0 and "TFLOP/s achieved" in train
@@ -44,8 +43,8 @@ def test_flops_per_image_count_every_convolution_whatever_path_the_layers_take()
     """channels_last on CPU takes the fused oneDNN op, which FlopCounterMode does not see: the count must
     still include it (coordbias adds a few FLOPs to vanilla's, never removes the encoder's)."""
     committed = load_params(ROOT / "params.yaml")
-    params = dataclasses.replace(committed.train, channels_last=True)
-    model = vars(committed.model) | {"width": 4}
+    params = committed.train.model_copy(update={"channels_last": True, "fused_conv": True})
+    model = committed.model.model_dump() | {"width": 4}
     scenes = draw_scenes(2, 32, image_stream(0, 0))
     data = LabelledImages.from_arrays(scenes.images, scenes.labels, torch.device("cpu"))
     vanilla, coordbias = (

@@ -40,18 +40,32 @@ def test_committed_params_load_typed() -> None:
     [
         ("generate.colour", 1, "generate.colour: unknown key (known: size, images)"),
         ("model.width", KeyError, "model.width: missing key"),
-        ("generate.size", "128", "generate.size = '128': expected int"),
-        ("generate.size", 12, "generate.size = 12: expected a value in [16, inf]"),
+        ("generate.size", "128", "generate.size = '128': expected an integer"),
+        ("generate.size", 12, "generate.size = 12: expected a value >= 16"),
         ("generate.size", 130, "generate.size = 130: expected a multiple of 4"),
-        ("generate.images", -5, "generate.images = -5: expected a value in [1, inf]"),
-        ("train.epochs", True, "train.epochs = True: expected int"),
-        ("train.lr", 0, "train.lr = 0.0: expected a value in (0.0, inf]"),
+        ("generate.images", -5, "generate.images = -5: expected a value >= 1"),
+        (
+            "generate.images",
+            2**63,
+            "generate.images = 9223372036854775808: expected a value <= 9223372036854775807",
+        ),
+        ("train.epochs", True, "train.epochs = True: expected an integer"),
+        ("train.epochs", 3.0, "train.epochs = 3.0: expected an integer"),
+        ("train.lr", 0, "train.lr = 0: expected a value > 0.0"),
+        ("train.lr", float("nan"), "train.lr = nan: expected a finite number"),
+        ("train.lr", float("inf"), "train.lr = inf: expected a finite number"),
+        ("train.lr", "1e-3", "train.lr = '1e-3': expected a number"),
+        ("train.seed", -1, "train.seed = -1: expected a value >= 0"),
         ("train.optimizer", "rmsprop", "train.optimizer = 'rmsprop': expected one of sgd, adam, adamw"),
+        ("train.channels_last", "yes", "train.channels_last = 'yes': expected true or false"),
         ("layer", "vanilla", "layer = 'vanilla': expected one of coordbias, coordconv"),
-        ("device", "gpu", "device = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
+        ("device", "gpu", "device = 'gpu': expected one of auto, cpu, cuda, cuda:N, mps"),
         ("split.val", 0.9, "split.val + split.test = 1.1: expected < 1"),
+        ("split.val", float("nan"), "split.val = nan: expected a finite number"),
         ("generate.images", 2, "generate.images = 2: too few for split val"),
-        ("model", 3, "model: expected a mapping of width, "),
+        ("check.min_miou", float("nan"), "check.min_miou = nan: expected a finite number"),
+        ("check.min_miou", 1.5, "check.min_miou = 1.5: expected a value <= 1.0"),
+        ("model", 3, "model: expected a mapping of keys, found 3"),
     ],
 )
 def test_bad_params_name_the_key(path: str, value: object, message: str) -> None:
@@ -71,3 +85,14 @@ def test_unreadable_yaml_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match=r"params.yaml: not valid YAML") as error:
         load_params(bad)
     assert "\n" not in str(error.value)
+
+
+def test_params_are_read_as_dvc_reads_them(tmp_path: Path) -> None:
+    """YAML 1.2, as DVC's ruamel.yaml: `1e-3` is a float, an unquoted `yes` is a string."""
+    text = (ROOT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("lr: 0.002", "lr: 2e-3"))
+    assert load_params(path).train.lr == 0.002
+    path.write_text(text.replace("channels_last: true", "channels_last: yes"))
+    with pytest.raises(BadInput, match=r"train\.channels_last = 'yes': expected true or false"):
+        load_params(path)

@@ -16,7 +16,9 @@ from posconv.scenes import draw_scenes
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "posconv.evaluate", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "posconv.stages.evaluate", *args], capture_output=True, text=True
+    )
 
 
 @pytest.fixture

@@ -36,7 +36,11 @@ def make_project(directory: Path, **changes: Any) -> Path:
 
 def stage(directory: Path, name: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", f"posconv.{name}"], cwd=directory, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", f"posconv.stages.{name}"],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from posconv.layers import LAYER_NAMES, CoordBias2d, CoordConv2d, make_conv
+from posconv import fused
+from posconv.layers import LAYER_OPTIONS, CoordBias2d, CoordConv2d, make_conv
+from posconv.registry import LAYERS
 
 # PyTorch's note that an even kernel with padding="same" pads a copy of the input: expected here
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -39,8 +41,10 @@ IDS = [f"{h}x{w}-" + "-".join(f"{k}={v}" for k, v in kw.items()) for h, w, kw in
 def _layer(
     name: str, kwargs: dict[str, Any], dtype: torch.dtype = torch.float64, **options: Any
 ) -> nn.Conv2d:
+    """Layer `name`, given those of `options` it takes."""
     torch.manual_seed(0)
-    return make_conv(name, 4, 6, dtype=dtype, **options, **kwargs)
+    own = {key: value for key, value in options.items() if key in LAYER_OPTIONS[name]}
+    return make_conv(name, 4, 6, dtype=dtype, **own, **kwargs)
 
 
 def _randomise(layer: nn.Module) -> nn.Module:
@@ -142,15 +146,30 @@ def _input(h: int, w: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 # ---- the factory ----
 
 
-def test_factory_builds_every_layer_and_ignores_options_a_layer_has_no_use_for() -> None:
-    assert LAYER_NAMES == ("vanilla", "coordbias", "coordconv")
-    options = dict(coords="seed", with_r=True, stride=2, bias=False)
-    assert type(make_conv("vanilla", 3, 5, 3, **options)) is nn.Conv2d
-    bias = make_conv("coordbias", 3, 5, (3, 5), **options)
+def test_factory_builds_every_registered_layer_with_its_own_options() -> None:
+    assert tuple(LAYER_OPTIONS) == LAYERS == ("vanilla", "coordbias", "coordconv")
+    shape = dict(stride=2, bias=False)
+    assert type(make_conv("vanilla", 3, 5, 3, **shape)) is nn.Conv2d
+    bias = make_conv("coordbias", 3, 5, (3, 5), coords="seed", **shape)
     assert isinstance(bias, CoordBias2d) and bias.coord_bias.shape == (5, 2) and bias.coords == "seed"
-    conv = make_conv("coordconv", 3, 5, (3, 5), **options)
+    conv = make_conv("coordconv", 3, 5, (3, 5), coords="seed", with_r=True, **shape)
     assert isinstance(conv, CoordConv2d) and conv.coord_weight.shape == (5, 3, 3, 5) and conv.bias is None
     assert make_conv("coordconv", 3, 5, 3).coord_weight.shape == (5, 2, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "unused"),
+    [
+        ("vanilla", dict(coords="seed"), "coords"),
+        ("vanilla", dict(with_r=True), "with_r"),
+        ("coordbias", dict(with_r=True), "with_r"),
+        ("coordconv", dict(coord=True), "coord"),
+    ],
+)
+def test_factory_refuses_options_the_layer_does_not_take(name: str, options: dict, unused: str) -> None:
+    """Nothing is dropped: an option the layer would ignore is a programming error (TypeError)."""
+    with pytest.raises(TypeError, match=f"layer '{name}' takes no option {unused}"):
+        make_conv(name, 3, 5, 3, **options)
 
 
 def test_factory_rejects_unknown_names_and_conventions() -> None:
@@ -300,16 +319,19 @@ def test_channels_last_is_kept_and_gives_the_same_numbers(name: str) -> None:
 
 @pytest.mark.parametrize(("h", "w", "kwargs"), GEOMETRIES, ids=IDS)
 @pytest.mark.parametrize("name", ["coordbias", "coordconv"])
-def test_float32_channels_last_on_cpu_fuses_where_it_can_and_follows_float64(
+@pytest.mark.skipif(not fused.available(), reason="this torch build lacks the fused oneDNN op")
+def test_the_fused_backend_where_it_applies_and_follows_float64(
     h: int, w: int, kwargs: dict[str, Any], name: str
 ) -> None:
-    """Zero padding given in pixels takes the fused convolution (bias and term in its epilogue, their
-    gradients from one batch sum); the other paddings take the plain path. Both give float64's numbers."""
+    """Switched on, zero padding given in pixels takes the fused convolution (bias and term in its
+    epilogue, their gradients from one batch sum); the other paddings take the plain path. Both give
+    float64's numbers."""
     layer = _randomise(_layer(name, kwargs))
     expected = _forward_and_grads(layer, _input(h, w), _parameters(layer))
     layer = layer.to(torch.float32, memory_format=torch.channels_last)
     x = _input(h, w).to(torch.float32, memory_format=torch.channels_last)
-    got = _forward_and_grads(layer, x, _parameters(layer))
+    with fused.switched(True):
+        got = _forward_and_grads(layer, x, _parameters(layer))
     fusable = kwargs.get("padding_mode", "zeros") == "zeros" and not isinstance(kwargs.get("padding", 0), str)
     assert (got[0].grad_fn.name() == "_ConvPlusTermBackward") == fusable
     assert got[0].is_contiguous(memory_format=torch.channels_last)
@@ -318,19 +340,24 @@ def test_float32_channels_last_on_cpu_fuses_where_it_can_and_follows_float64(
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
 
 
+@pytest.mark.skipif(not fused.available(), reason="this torch build lacks the fused oneDNN op")
 @pytest.mark.parametrize("name", ["coordbias", "coordconv"])
-def test_fused_path_differentiates_twice_like_the_plain_path(name: str) -> None:
-    """A gradient penalty differentiates the layer twice (input gradient, then the weights')."""
+def test_fused_backend_gives_the_plain_paths_outputs_and_gradients_twice_over(name: str) -> None:
+    """Same layer, same channels_last input, backend off then on: the same output, and the same
+    gradients through a gradient penalty, which differentiates the layer twice."""
     layer = _randomise(_layer(name, dict(kernel_size=3, stride=2, padding=1), torch.float32))
+    layer = layer.to(memory_format=torch.channels_last)
     results = []
-    for memory_format in (torch.contiguous_format, torch.channels_last):  # plain path, then fused
-        layer = layer.to(memory_format=memory_format)
-        x = _input(9, 7, torch.float32).contiguous(memory_format=memory_format).requires_grad_()
-        (input_grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
-        penalty_grads = torch.autograd.grad(input_grad.square().sum(), _parameters(layer))
-        results.append([input_grad, *penalty_grads])
-    for fused, plain in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+    for on in (False, True):
+        x = _input(9, 7, torch.float32).contiguous(memory_format=torch.channels_last).requires_grad_()
+        with fused.switched(on):
+            y = layer(x)
+            assert (y.grad_fn.name() == "_ConvPlusTermBackward") == on
+            (input_grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+            penalty_grads = torch.autograd.grad(input_grad.square().sum(), _parameters(layer))
+        results.append([y, input_grad, *penalty_grads])
+    for on, off in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5 * off.abs().max().item())
 
 
 @pytest.mark.parametrize("name", ["coordbias", "coordconv"])
@@ -341,7 +368,8 @@ def test_at_batch_size_one_the_output_may_be_modified_in_place(name: str) -> Non
     layer = layer.to(memory_format=torch.channels_last)
     x = _input(8, 8, torch.float32)[:1].contiguous(memory_format=torch.channels_last)
     expected = layer(x).relu()
-    got = torch.relu_(layer(x))
+    with fused.switched(True):  # where the output is a broadcast term filled in
+        got = torch.relu_(layer(x))
     torch.testing.assert_close(got, expected)
     got.sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
@@ -379,14 +407,14 @@ def test_compiled_layers_match_eager() -> None:
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", LAYER_NAMES)
+@pytest.mark.parametrize("name", LAYERS)
 def test_state_dict_round_trip(name: str) -> None:
     layer = _randomise(_layer(name, dict(kernel_size=3, padding=1), coords="seed", with_r=True))
     buffer = io.BytesIO()
     torch.save(layer.state_dict(), buffer)
     buffer.seek(0)
     torch.manual_seed(5)
-    fresh = make_conv(name, 4, 6, 3, padding=1, dtype=torch.float64, coords="seed", with_r=True)
+    fresh = _layer(name, dict(kernel_size=3, padding=1), coords="seed", with_r=True)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     x = _input(6, 7)
     assert torch.equal(fresh(x), layer(x))
@@ -434,3 +462,42 @@ def test_shuffled_coordinates_permute_the_position_term_anew_at_every_call(name:
         torch.testing.assert_close(term.sort(-1).values, reference.sort(-1).values)
         torch.testing.assert_close(term[0], term[1])
     assert not torch.allclose(first, reference) and not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+def test_the_default_path_calls_no_private_op(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the private oneDNN op replaced by one that raises, the default layers still run, forward and
+    backward, in the setting the fused backend would take."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the default path called the private op")
+
+    monkeypatch.setattr(fused, "_CONV_ADD", type("Refusing", (), {"binary": staticmethod(refuse)})())
+    assert not fused.enabled()
+    layer = _layer(name, dict(kernel_size=3, padding=1), torch.float32).to(memory_format=torch.channels_last)
+    layer(_input(8, 8, torch.float32).contiguous(memory_format=torch.channels_last)).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    with fused.switched(True), pytest.raises(AssertionError, match="private op"):  # the probe works
+        layer(_input(8, 8, torch.float32).contiguous(memory_format=torch.channels_last))
+
+
+def test_switching_the_fused_backend_on_without_its_op_says_so_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "_CONV_ADD", None)
+    with pytest.warns(RuntimeWarning, match="keep the plain PyTorch path") as warned:
+        assert fused.enable(True) is False
+    assert len(warned) == 1 and not fused.enabled()
+
+
+@pytest.mark.parametrize(("h", "w", "kwargs"), GEOMETRIES[1:4:2], ids=IDS[1:4:2])
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+def test_gradcheck(h: int, w: int, kwargs: dict[str, Any], name: str) -> None:
+    """Finite differences in float64 agree with the layer's own backward, input and every parameter
+    (on a striding, reflecting geometry and a "same"-padded, replicating one without bias)."""
+    layer = _randomise(_layer(name, kwargs, with_r=True))
+    names = [key for key, _ in layer.named_parameters()]
+
+    def forward(x: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, dict(zip(names, parameters, strict=True)), (x,))
+
+    inputs = (_input(h, w)[:1].requires_grad_(), *(p.detach().requires_grad_() for p in layer.parameters()))
+    assert torch.autograd.gradcheck(forward, inputs)

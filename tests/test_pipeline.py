@@ -1,4 +1,5 @@
-"""The pipeline as users drive it: real DVC, real training, tiny params, in a temporary git repo."""
+"""The pipeline as users drive it: real DVC, real training, tiny params, in a temporary git repo; and the
+layout that keeps it readable: a library that knows nothing of DVC under thin stages and tools."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,10 +17,17 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from posconv.model import SPEC_FIELDS
+from posconv.model import spec_fields
+from posconv.registry import LAYERS
 
 STAGES = ["generate", "split", "train_vanilla", "train_coordbias", "train_coordconv", "evaluate", "report"]
-MODELS = ["vanilla", "coordbias", "coordconv"]
+MODELS = list(LAYERS)
+SRC = ROOT / "src"
+
+
+def module_file(name: str) -> Path:
+    path = SRC / f"{name.replace('.', '/')}.py"
+    return path if path.exists() else SRC / name.replace(".", "/") / "__init__.py"
 
 
 def imported_modules(module: str) -> set[str]:
@@ -28,7 +38,7 @@ def imported_modules(module: str) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        tree = ast.parse((ROOT / "src" / f"{name.replace('.', '/')}.py").read_text())
+        tree = ast.parse(module_file(name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module == "posconv":
                 todo += [f"posconv.{alias.name}" for alias in node.names]
@@ -39,20 +49,67 @@ def imported_modules(module: str) -> set[str]:
     return seen
 
 
+def sources(*modules: str) -> set[str]:
+    return {str(module_file(m).relative_to(ROOT)) for module in modules for m in imported_modules(module)}
+
+
+def listed_sources(stage: dict) -> set[str]:
+    return {dep for dep in stage["deps"] if dep.startswith("src/")}
+
+
 def test_dvc_yaml_has_the_stages_and_lists_exactly_the_sources_each_reads() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages) == STAGES
     for name, stage in stages.items():
-        module = re.match(r"python -m (posconv\.\w+)", stage["cmd"]).group(1)
-        expected = {f"src/{m.replace('.', '/')}.py" for m in imported_modules(module)}
-        listed = {dep for dep in stage["deps"] if dep.startswith("src/")}
-        assert listed == expected, name
+        module = re.match(r"python -m (posconv\.stages\.\w+)", stage["cmd"]).group(1)
+        assert listed_sources(stage) == sources(module), name
+
+
+def test_study_and_benchmark_stages_list_the_sources_their_results_depend_on() -> None:
+    """The benchmark times the layers through its own module; the study's experiments run the train and
+    evaluate stages, so their sources are the study's too."""
+    stages = yaml.safe_load((ROOT / "study/dvc.yaml").read_text())["stages"]
+    assert listed_sources(stages["bench_layers"]) == sources("posconv.tools.bench")
+    study = sources("posconv.tools.study", "posconv.stages.train", "posconv.stages.evaluate")
+    assert listed_sources(stages["study"]) == study
+
+
+def library_modules() -> list[str]:
+    """Every module of the library: all of posconv outside its stages and tools packages."""
+    files = (SRC / "posconv").glob("*.py")
+    return sorted(f"posconv.{path.stem}" for path in files if path.stem != "__init__")
+
+
+@pytest.mark.parametrize("module", library_modules())
+def test_the_library_knows_nothing_of_dvc_nor_of_stages(module: str) -> None:
+    """Imported alone in a fresh interpreter, a library module pulls in neither dvc nor dvclive, and no
+    module it imports (transitively) is a stage or a tool."""
+    loaded = "sorted(m for m in sys.modules if m.split('.')[0] in ('dvc', 'dvclive'))"
+    probe = f"import sys, {module}; print({loaded})"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", module
+    reached = imported_modules(module)
+    assert not [m for m in reached if m.startswith(("posconv.stages", "posconv.tools"))], module
+
+
+def test_the_layers_and_the_model_need_only_the_core_dependencies() -> None:
+    """`pip install posconv` (torch and numpy) is enough for the layers and the model: with every
+    package of the `pipeline` extra made unimportable, they still import and run."""
+    extra = ("dvc", "dvclive", "matplotlib", "pandas", "pydantic", "ruamel", "tqdm")
+    probe = (
+        f"import sys; sys.modules.update(dict.fromkeys({extra!r}))\n"
+        "import torch; from posconv.layers import make_conv; from posconv.model import FCN, ModelSpec\n"
+        "assert FCN(ModelSpec('coordconv', 4))(torch.rand(1, 3, 16, 16)).shape == (1, 4, 16, 16)\n"
+        "assert make_conv('coordbias', 3, 4, 3)(torch.rand(1, 3, 8, 8)).shape == (1, 4, 6, 6)"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
 
 
 def test_each_train_stage_lists_exactly_the_model_params_its_network_reads() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     model_fields = set(yaml.safe_load((ROOT / "params.yaml").read_text())["model"])
-    for layer, fields in SPEC_FIELDS.items():
+    for layer in LAYERS:
+        fields = spec_fields(layer)
         listed = stages[f"train_{layer}"]["params"]
         named = {p.removeprefix("model.") for p in listed if p.startswith("model.")}
         read = model_fields if "model" in listed else named
@@ -158,17 +215,29 @@ def test_repro_then_experiment_then_compare(project: Path, sh: Callable) -> None
         assert {entry["type"] for entry in plots[image]} == {"image"}
         assert all(Path(entry["url"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for entry in plots[image])
 
+    # The models are DVC artifacts: pushed to a remote and registered as a version (a GTO git tag, as
+    # DVC's model registry expects), one is fetched by name from the repository.
+    remote = project.parent / "remote"
+    sh("dvc", "remote", "add", "-d", "local", str(remote))
+    sh("git", "commit", "-qam", "a DVC remote")
+    sh("dvc", "push", "-q")
+    sh("git", "tag", "-a", "coordbias-fcn@v0.1.0", "-m", "coordbias-fcn v0.1.0")
+    fetched = project.parent / "fetched.pt"
+    sh("dvc", "artifacts", "get", str(project), "coordbias-fcn", "-o", str(fetched))
+    assert fetched.read_bytes() == (project / "models/coordbias.pt").read_bytes()
+
     # The CI gate passes on consistent results even without data, models and cache (a fresh clone),
     for cached in ("data", "models", ".dvc/cache"):
         shutil.rmtree(project / cached)
-    assert "metrics gate passed" in sh("python", "-m", "posconv.check").stdout
+    assert "metrics gate passed" in sh("python", "-m", "posconv.tools.check").stdout
     # and fails below its thresholds, and when code changed after the results were made.
     set_param(project, "check", "min_miou", 1.0)
-    low = sh("python", "-m", "posconv.check", check=False)
+    low = sh("python", "-m", "posconv.tools.check", check=False)
     assert low.returncode == 1 and "FAIL miou of coordconv" in low.stdout
-    with (project / "src/posconv/report.py").open("a") as source:
+    with (project / "src/posconv/reporting.py").open("a") as source:
         source.write("# edited after the results were made\n")
-    stale = sh("python", "-m", "posconv.check", check=False)
+    stale = sh("python", "-m", "posconv.tools.check", check=False)
     assert (
-        stale.returncode == 1 and "FAIL report: changed deps src/posconv/report.py modified" in stale.stdout
+        stale.returncode == 1
+        and "FAIL report: changed deps src/posconv/reporting.py modified" in stale.stdout
     )

@@ -10,7 +10,7 @@ from test_study import fake_study
 from posconv.compare import headline
 from posconv.config import load_params
 from posconv.grid import spread
-from posconv.report import fmt, interval, layer_cost_section, render, study_section
+from posconv.reporting import fmt, interval, layer_cost_section, render, study_section
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("vanilla", "coordbias", "coordconv")
@@ -38,7 +38,7 @@ def fake_bench() -> dict:
     cases = [("3->8 @128", 1.08, 1.02), ("8->8 @128", 1.01, 1.12), ("encoder stack", 1.03, 1.04)]
     results = [
         {"device": "cpu", "dtype": "float32", "format": "NHWC", "width": 8, "layer": layer,
-         "coordbias_ratio": bias, "coordconv_ratio": conv}
+         "coordbias_ratio": bias, "coordconv_ratio": conv, "coordbias_fused_ratio": 0.99}
         for layer, bias, conv in cases
     ]  # fmt: skip
     return {"devices": {"cpu": "AMD EPYC"}, "batch": 16, "targets": {"cpu": 1.1}, "results": results}
@@ -46,7 +46,17 @@ def fake_bench() -> dict:
 
 def test_layer_cost_shows_the_stack_and_the_worst_single_layer() -> None:
     row = table_row(layer_cost_section(fake_bench()), "cpu (AMD EPYC)")
-    assert row[1:] == ["float32", "NHWC", "8", "1.0300", "1.0400", "1.1200 (`8->8 @128`)", "1.1000"]
+    assert row[1:] == [
+        "float32",
+        "NHWC",
+        "8",
+        "1.0300",
+        "1.0400",
+        "0.9900",
+        "n/a",
+        "1.1200 (`8->8 @128`)",
+        "1.1000",
+    ]
 
 
 def table_row(report: str, first_cell: str, containing: str = "") -> list[str]:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-from posconv.config import LAYERS
 from posconv.errors import BadInput
-from posconv.grid import SCALE, SEEDS, VARIANTS, aggregate, compare, load_study, spread
+from posconv.grid import SCALE, SEEDS, VARIANTS, aggregate, check_study, compare, spread
 from posconv.model import FCN, ModelSpec, count_parameters
-from posconv.study import experiment_args, experiment_revisions
+from posconv.registry import LAYERS
+from posconv.tools.study import experiment_args, experiment_revisions
 
 
 def fake_run(variant: str, seed: int) -> dict:
@@ -99,12 +104,69 @@ def test_widened_vanilla_has_more_parameters_than_coordconv_at_the_study_scale()
     assert wide > count_parameters(FCN(ModelSpec("coordconv", width, with_r=True)))
 
 
-def test_a_study_file_of_another_format_is_refused_in_one_line(tmp_path: Path) -> None:
-    path = tmp_path / "study.json"
-    path.write_text(json.dumps(fake_study()))
-    assert load_study(path)["seeds"] == list(SEEDS)
+def test_a_study_file_of_another_format_is_refused_in_one_line() -> None:
+    assert check_study(fake_study(), "study.json")["seeds"] == list(SEEDS)
     older = fake_study()
     del older["comparisons"][0]["a_spread"]["not_reached_by"]
-    path.write_text(json.dumps(older))
-    with pytest.raises(BadInput, match="not a study in this version's format"):
-        load_study(path)
+    for bad in (older, [], {"comparisons": "none"}):
+        with pytest.raises(BadInput, match=r"study\.json: not a study in this version's format"):
+            check_study(bad, "study.json")
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """The committed project (code, params, locks and results; no data or models) in a fresh git repo."""
+    names = (
+        "src",
+        ".dvc",
+        "dvc.yaml",
+        "dvc.lock",
+        "study",
+        "params.yaml",
+        ".dvcignore",
+        ".gitignore",
+        "metrics",
+    )
+    for name in names:
+        source = ROOT / name
+        if source.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "tmp", "cache")
+            shutil.copytree(source, tmp_path / name, ignore=ignore)
+        else:
+            shutil.copy(source, tmp_path / name)
+    for command in (
+        ["init", "-q"],
+        ["add", "-A"],
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"],
+    ):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True)
+    return tmp_path
+
+
+def changed_stages(checkout: Path) -> set[str]:
+    """Stages of study/dvc.yaml that `dvc status` reports out of date."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json", "study/dvc.yaml"],
+        cwd=checkout, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return {name.split(":")[-1] for name in json.loads(status.stdout)}
+
+
+@pytest.mark.slow
+def test_dvc_status_shows_the_study_and_the_benchmark_stale_when_their_inputs_change(checkout: Path) -> None:
+    """The report reads both; they are fresh as committed and go stale on their own inputs only."""
+    assert changed_stages(checkout) == set()
+    params = checkout / "params.yaml"
+    original = params.read_text()
+    params.write_text(original.replace("lr: 0.002", "lr: 0.003"))
+    assert changed_stages(checkout) == {"study"}  # the experiments inherit train.lr
+    params.write_text(original.replace("min_miou: 0.5", "min_miou: 0.6"))
+    assert changed_stages(checkout) == set()  # the gate's thresholds are no input of either
+    params.write_text(original)
+    with (checkout / "src/posconv/grid.py").open("a") as source:
+        source.write("# another grid\n")
+    assert changed_stages(checkout) == {"study"}
+    with (checkout / "src/posconv/layers.py").open("a") as source:
+        source.write("# another layer\n")
+    assert changed_stages(checkout) == {"study", "bench_layers"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from posconv.metrics import position_recall
+from posconv.registry import BASELINE
 
 # quantity -> how to read it from one model's (evaluation metrics, training metrics)
 QUANTITIES: dict[str, Callable[[dict, dict], float | None]] = {
@@ -23,11 +24,11 @@ def headline(layer: str, evaluation: dict[str, dict], training: dict[str, dict])
     """For each headline quantity: vanilla's value, the layer's, and the layer's minus vanilla's."""
     summary: dict = {"layer": layer}
     for key, read in QUANTITIES.items():
-        base, value = (read(evaluation[m], training[m]) for m in ("vanilla", layer))
+        base, value = (read(evaluation[m], training[m]) for m in (BASELINE, layer))
         difference = None if base is None or value is None else value - base
-        summary[key] = {"vanilla": base, layer: value, "difference": difference}
-    summary["parameter_overhead"] = summary["parameters"]["difference"] / summary["parameters"]["vanilla"]
+        summary[key] = {BASELINE: base, layer: value, "difference": difference}
+    summary["parameter_overhead"] = summary["parameters"]["difference"] / summary["parameters"][BASELINE]
     summary["train_time_ratio"] = (
-        summary["train_images_per_s"]["vanilla"] / summary["train_images_per_s"][layer]
+        summary["train_images_per_s"][BASELINE] / summary["train_images_per_s"][layer]
     )
     return summary

@@ -1,103 +1,95 @@
 """Typed params: `params.yaml` is read and checked here, and nowhere else.
 
-Every key must be known, of the right type and in range; the first problem is raised as
-`BadInput` naming the key and what is allowed, before any stage writes anything.
+Pydantic models declare every key with its type and range; unknown keys, wrong types (no silent
+coercion: `"128"` is not 128, `true` is not 1), NaN and infinities are refused. The first problem
+becomes one `BadInput` line: the key path, the value, what was expected. The file is read with
+ruamel.yaml's YAML 1.2 loader, as DVC reads it, so what runs is what `dvc.lock` records.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from posconv.errors import BadInput
+from posconv.registry import BASELINE, LAYERS
 
-LayerName = Literal["vanilla", "coordbias", "coordconv"]
-LAYERS: tuple[str, ...] = typing.get_args(LayerName)
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+INT64_MAX = 2**63 - 1
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+StudiedLayer = Literal[tuple(layer for layer in LAYERS if layer != BASELINE)]  # type: ignore[valid-type]
 
-
-def _range(low: float | None = None, high: float | None = None, *, open_low: bool = False) -> Any:
-    """A field whose value must lie in [low, high] (or (low, high] with `open_low`)."""
-    return field(metadata={"low": low, "high": high, "open_low": open_low})
-
-
-@dataclass(frozen=True)
-class GenerateParams:
-    size: int = _range(16)
-    images: int = _range(1)
-
-    def __post_init__(self) -> None:
-        if self.size % 4:
-            raise BadInput(f"generate.size = {self.size}: expected a multiple of 4 (noise cell is size/4)")
+Count = Annotated[int, Field(ge=1, le=INT64_MAX)]
+Seed = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+Threshold = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-@dataclass(frozen=True)
-class SplitParams:
-    val: float = _range(0.0, 1.0, open_low=True)
-    test: float = _range(0.0, 1.0, open_low=True)
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    def __post_init__(self) -> None:
+
+class GenerateParams(_Group):
+    size: Annotated[int, Field(ge=16, le=8192, multiple_of=4)]  # the noise cell is size/4
+    images: Count
+
+
+class SplitParams(_Group):
+    val: Fraction
+    test: Fraction
+
+    @model_validator(mode="after")
+    def _train_keeps_some(self) -> SplitParams:
         if self.val + self.test >= 1:
             raise BadInput(
                 f"split.val + split.test = {self.val + self.test:g}: expected < 1 (train takes the rest)"
             )
+        return self
 
 
-@dataclass(frozen=True)
-class ModelParams:
-    width: int = _range(2)
+class ModelParams(_Group):
+    width: Annotated[int, Field(ge=2, le=4096, multiple_of=2)]  # the decoder ends at width/2
     encoder_batchnorm: bool
     placement: Literal["encoder", "all", "first"]
     coords: Literal["centered", "seed", "constant", "shuffled"]
     with_r: bool
 
-    def __post_init__(self) -> None:
-        if self.width % 2:
-            raise BadInput(
-                f"model.width = {self.width}: expected an even number (the decoder ends at width/2)"
-            )
 
-
-@dataclass(frozen=True)
-class TrainParams:
-    seed: int = _range(0)
-    epochs: int = _range(1)
-    batch_size: int = _range(1)
+class TrainParams(_Group):
+    seed: Seed
+    epochs: Count
+    batch_size: Count
     optimizer: Literal["sgd", "adam", "adamw"]
-    lr: float = _range(0.0, open_low=True)
-    momentum: float = _range(0.0, 1.0)
-    weight_decay: float = _range(0.0)
+    lr: Annotated[float, Field(gt=0.0)]
+    momentum: Annotated[float, Field(ge=0.0, le=1.0)]
+    weight_decay: Annotated[float, Field(ge=0.0)]
     schedule: Literal["none", "cosine"]
     precision: Literal["auto", "fp32", "bf16"]
     channels_last: bool
-    val_every: int = _range(1)
+    fused_conv: bool
+    val_every: Count
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    batch_size: int = _range(1)
-    position_bins: int = _range(2)
-    examples: int = _range(1)
+class EvaluateParams(_Group):
+    batch_size: Count
+    position_bins: Annotated[int, Field(ge=2, le=10_000)]
+    examples: Count
 
 
-@dataclass(frozen=True)
-class CheckParams:
-    min_miou: float = _range(0.0, 1.0)
-    min_position_recall: float = _range(0.0, 1.0)
+class CheckParams(_Group):
+    min_miou: Threshold
+    min_position_recall: Threshold
 
 
-@dataclass(frozen=True)
-class Params:
-    seed: int = _range(0)
-    device: str
-    layer: Literal["coordbias", "coordconv"]
+class Params(_Group):
+    seed: Seed
+    device: Annotated[str, Field(pattern=f"^({DEVICE_PATTERN})$")]
+    layer: StudiedLayer
     generate: GenerateParams
     split: SplitParams
     model: ModelParams
@@ -105,15 +97,15 @@ class Params:
     evaluate: EvaluateParams
     check: CheckParams
 
-    def __post_init__(self) -> None:
-        if not DEVICE_PATTERN.fullmatch(self.device):
-            raise BadInput(f"device = {self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    @model_validator(mode="after")
+    def _every_split_has_images(self) -> Params:
         for name, count in self.split_sizes().items():
             if count < 1:
                 raise BadInput(
                     f"generate.images = {self.generate.images}: too few for split {name} "
                     f"(split.val = {self.split.val:g}, split.test = {self.split.test:g} leave it no image)"
                 )
+        return self
 
     def split_sizes(self) -> dict[str, int]:
         """Images per split: val and test rounded from their fractions, train takes the rest."""
@@ -122,65 +114,68 @@ class Params:
         return {"train": self.generate.images - val - test, "val": val, "test": test}
 
 
-def _check_value(key: str, value: Any, kind: Any, meta: typing.Mapping[str, Any]) -> Any:
-    """Return `value` if it fits the annotation `kind` and range in `meta`, else raise."""
-    if dataclasses.is_dataclass(kind):
-        if not isinstance(value, dict):
-            raise BadInput(
-                f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(kind))}"
-            )
-        return _build(kind, value, f"{key}.")
-    if typing.get_origin(kind) is Literal:
-        allowed = typing.get_args(kind)
-        if value not in allowed or isinstance(value, bool):
-            raise BadInput(f"{key} = {value!r}: expected one of {', '.join(map(str, allowed))}")
-        return value
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        raise BadInput(f"{key} = {value!r}: expected {kind.__name__}")
-    low, high = meta.get("low"), meta.get("high")
-    below = low is not None and (value <= low if meta.get("open_low") else value < low)
-    if below or (high is not None and value > high):
-        bracket = "(" if meta.get("open_low") else "["
-        raise BadInput(
-            f"{key} = {value!r}: expected a value in {bracket}{low}, {'inf' if high is None else high}]"
-        )
-    return value
+_EXPECTED = {  # pydantic error type -> what was expected, from the error's context
+    "greater_than": "a value > {gt}",
+    "greater_than_equal": "a value >= {ge}",
+    "less_than": "a value < {lt}",
+    "less_than_equal": "a value <= {le}",
+    "multiple_of": "a multiple of {multiple_of}",
+    "literal_error": "one of {expected}",
+    "string_pattern_mismatch": "one of auto, cpu, cuda, cuda:N, mps",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "finite_number": "a finite number",
+}
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            raise BadInput(f"{prefix}{key}: unknown key (known: {', '.join(fields)})")
-    values = {}
-    for name, spec in fields.items():
-        if name not in data:
-            raise BadInput(f"{prefix}{name}: missing key")
-        kind = hints[name]
-        if isinstance(kind, types.UnionType):
-            kind = next(k for k in typing.get_args(kind) if k is not type(None))
-        values[name] = _check_value(f"{prefix}{name}", data[name], kind, spec.metadata)
-    return cls(**values)
+def _group_at(loc: tuple[int | str, ...]) -> type[BaseModel]:
+    group: type[BaseModel] = Params
+    for name in loc:
+        group = group.model_fields[str(name)].annotation  # type: ignore[assignment]
+    return group
+
+
+def _describe(error: ErrorDetails) -> str:
+    """One line for pydantic's first error: the key path, the value, what was expected."""
+    key = ".".join(map(str, error["loc"])) or "params.yaml"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (known: {', '.join(_group_at(error['loc'][:-1]).model_fields)})"
+    if error["type"] == "missing":
+        return f"{key}: missing key"
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{key}: expected a mapping of keys, found {error['input']!r}"
+    context = {name: value for name, value in (error.get("ctx") or {}).items()}
+    if error["type"] == "literal_error":  # pydantic writes "'a', 'b' or 'c'"
+        context["expected"] = re.sub(r"'(\w+)'", r"\1", context["expected"]).replace(" or ", ", ")
+    expected = _EXPECTED.get(error["type"], error["msg"].lower()).format(**context)
+    return f"{key} = {error['input']!r}: expected {expected}"
 
 
 def parse_params(data: Any) -> Params:
     """Check a params mapping (as loaded from YAML) and return typed `Params`."""
     if not isinstance(data, dict):
         raise BadInput("params.yaml: expected a mapping at the top level")
-    return _build(Params, data)
+    try:
+        return Params.model_validate(data)
+    except ValidationError as error:
+        raise BadInput(_describe(error.errors()[0])) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file read as DVC reads it (ruamel.yaml, YAML 1.2), its problems as one `BadInput` line."""
+    path = Path(path)
+    try:
+        return YAML(typ="safe").load(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadInput(f"{path}: not readable ({error})") from None
+    except YAMLError as error:
+        raise BadInput(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and check `params.yaml`."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise BadInput(f"{path}: file not found") from None
-    except yaml.YAMLError as error:
-        raise BadInput(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    return parse_params(data)
+    return parse_params(read_yaml(path))

@@ -16,7 +16,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from posconv.errors import BadInput
-from posconv.scenes import CIRCLE_COLUMNS, CIRCLES, CLASS_NAMES, Scenes, draw_scenes, image_stream
+from posconv.registry import N_CLASSES
+from posconv.scenes import CIRCLE_COLUMNS, CIRCLES, Scenes, draw_scenes, image_stream
 
 IMAGES, LABELS, OWNERS, CIRCLE_TABLE = "images.npy", "labels.npy", "owners.npy", "circles.csv"
 SPLITS = ("train", "val", "test")
@@ -116,10 +117,10 @@ def load_scenes(directory: str | Path, mmap: bool = True) -> Scenes:
 
 def class_pixel_counts(labels: np.ndarray, chunk: int = 1024) -> np.ndarray:
     """Pixels of each class in each image, int64 (N, classes); reads a memory-mapped set in chunks."""
-    counts = np.empty((len(labels), len(CLASS_NAMES)), np.int64)
+    counts = np.empty((len(labels), N_CLASSES), np.int64)
     for first in range(0, len(labels), chunk):
         part = np.asarray(labels[first : first + chunk])
-        for cls in range(len(CLASS_NAMES)):
+        for cls in range(N_CLASSES):
             counts[first : first + len(part), cls] = np.count_nonzero(part == cls, axis=(1, 2))
     return counts
 
@@ -183,8 +184,6 @@ def load_labelled_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     dims: dict[str, int] = {}
     _check_uint8(arrays["images"], f"{path}: images", ("N", "H", "W", 3), dims)
     _check_uint8(arrays["labels"], f"{path}: labels", ("N", "H", "W"), dims)
-    if arrays["labels"].size and arrays["labels"].max() >= len(CLASS_NAMES):
-        raise BadInput(
-            f"{path}: labels hold {arrays['labels'].max()}, expected classes 0..{len(CLASS_NAMES) - 1}"
-        )
+    if arrays["labels"].size and arrays["labels"].max() >= N_CLASSES:
+        raise BadInput(f"{path}: labels hold {arrays['labels'].max()}, expected classes 0..{N_CLASSES - 1}")
     return arrays["images"], arrays["labels"]

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from posconv.config import TrainParams
 from posconv.errors import BadInput
-from posconv.metrics import N_CLASSES, class_scores, position_recall
+from posconv.metrics import class_scores, position_recall
+from posconv.registry import N_CLASSES
 
 FLUSH_EVERY = 25  # steps between host syncs for logging and the finite-loss check
 

@@ -8,11 +8,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from posconv.config import LAYERS
 from posconv.plots import show_labels
-from posconv.scenes import CLASS_NAMES
+from posconv.registry import CLASS_NAMES
 
-TRAIN_LOGS = Path("metrics/train")  # DVCLive folders of the train stages, one per layer
+LossCurves = tuple[Path, Path]  # per-step training loss and validation loss, tab-separated (step, loss)
 
 
 def write_all(
@@ -20,11 +19,12 @@ def write_all(
     results: dict[str, dict],
     votes: dict[str, pd.DataFrame],
     examples: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]],
+    losses: dict[str, LossCurves],
 ) -> None:
     """Everything the evaluate stage draws; `examples` are (images, labels, predictions per model)."""
     images, labels, predictions = examples
     write_plot_data(directory, results, votes)
-    save_losses(directory / "losses.png", {layer: TRAIN_LOGS / layer for layer in LAYERS})
+    save_losses(directory / "losses.png", losses)
     save_recall_bars(directory / "recall.png", results)
     save_confusions(directory / "confusion.png", results)
     save_position_accuracy(directory / "position.png", results, images.shape[2])
@@ -48,12 +48,11 @@ def write_plot_data(directory: Path, results: dict[str, dict], votes: dict[str, 
         circles.to_csv(directory / f"circles_{model}.csv", index=False)
 
 
-def save_losses(path: Path, train_dirs: dict[str, Path]) -> None:
+def save_losses(path: Path, losses: dict[str, LossCurves]) -> None:
     """Training loss per step (smoothed over 10 steps) and validation loss of every model, one figure."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (model, live_dir), colour in zip(train_dirs.items(), plt.cm.tab10.colors, strict=False):
-        train = pd.read_csv(live_dir / "plots/metrics/train/loss.tsv", sep="\t")
-        val = pd.read_csv(live_dir / "plots/metrics/val/loss.tsv", sep="\t")
+    for (model, (train_path, val_path)), colour in zip(losses.items(), plt.cm.tab10.colors, strict=False):
+        train, val = (pd.read_csv(path, sep="\t") for path in (train_path, val_path))
         smooth = train["loss"].rolling(10, min_periods=1).mean()
         ax.plot(train["step"], smooth, color=colour, alpha=0.8, label=f"{model} train")
         ax.plot(

@@ -1,5 +1,6 @@
 """The study of the seed's open questions: its grid (variants x seeds, and what is compared with what)
-and its statistics over seeds. Knows nothing of DVC: the `study` stage runs the grid and collects it.
+and its statistics over seeds. Knows nothing of DVC: the study tool (`posconv.tools.study`) runs the
+grid and collects it.
 
 A difference is called real only when the min-max intervals over seeds do not overlap.
 """
@@ -8,14 +9,11 @@ from __future__ import annotations
 
 import itertools
 import statistics
-from pathlib import Path
 
 from posconv.compare import QUANTITIES
-from posconv.config import LAYERS
 from posconv.errors import BadInput
-from posconv.io import read_json
+from posconv.registry import LAYERS, evaluate_metrics, train_metrics
 
-STUDY = "metrics/study.json"
 SEEDS = (0, 1, 2)  # data seed and training seed together
 SCALE = {  # the seed's 128 px, sized so that the grid finishes on a 2-core CPU in under 45 minutes
     "generate.size": 128,
@@ -129,7 +127,7 @@ def aggregate(metrics: dict[str, dict]) -> dict:
     results: dict = {}
     for variant, model in itertools.product(VARIANTS, LAYERS):
         runs = [metrics[experiment_name(variant, seed)] for seed in SEEDS]
-        paths = f"metrics/evaluate/{model}.json", f"metrics/train/{model}/metrics.json"
+        paths = evaluate_metrics(model), train_metrics(model)
         files = [(run[paths[0]], run[paths[1]]) for run in runs]  # (evaluation, training) per seed
         steps = [training["steps"] for _, training in files]
         results.setdefault(variant, {})[model] = {
@@ -155,11 +153,13 @@ def compare(results: dict) -> list[dict]:
     return rows
 
 
-def load_study(path: str | Path = STUDY) -> dict:
-    """The collected study, refused in one line if it is not in this version's format."""
-    study = read_json(path)
+def check_study(study: object, path: str) -> dict:
+    """`study` as read from `path`, refused in one line if it is not in this version's format."""
     rows = study.get("comparisons") if isinstance(study, dict) else None
-    spreads = [row.get(side) for row in rows or [] for side in ("a_spread", "b_spread")]
+    rows = rows if isinstance(rows, list) and all(isinstance(row, dict) for row in rows) else []
+    spreads = [row.get(side) for row in rows for side in ("a_spread", "b_spread")]
     if not rows or not all(isinstance(s, dict) and s.keys() >= SPREAD_KEYS for s in spreads):
-        raise BadInput(f"{path}: not a study in this version's format (run: python -m posconv.study collect)")
-    return study
+        raise BadInput(
+            f"{path}: not a study in this version's format (run: python -m posconv.tools.study collect)"
+        )
+    return study  # type: ignore[return-value]

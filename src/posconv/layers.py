@@ -9,134 +9,23 @@ small matrix product of the coordinate parameters with a cached basis (for coord
 channels unfolded under the kernel: conv(coords, coord_weight) at batch size 1 as one GEMM, ~10x
 faster on CPU than a convolution with 2 input channels). Its gradient is one sum over the batch.
 
-Two ways to add it. Float32 channels_last on CPU with zero padding (the model's training setting) runs
-oneDNN's convolution with the term added in its epilogue, and takes the bias's gradient from the
-term's batch sum. Everywhere else the term is added in place to `nn.Conv2d`'s output (conv backward
-does not need its output, so this saves an allocation and a pass).
+One forward path: `nn.Conv2d`'s output, then the term added in place (conv backward does not need its
+output, so this saves an allocation and a pass). `posconv.fused` is an opt-in backend that moves the
+add into oneDNN's convolution on CPU (DESIGN.md §4).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from posconv import fused
 from posconv.coords import check_convention, input_patches, output_grid, positioned
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def _term(coefficients: torch.Tensor, basis: torch.Tensor, height: int, channels_last: bool) -> torch.Tensor:
-    """`coefficients @ basis` as a (1, C, H, W) map in the output's memory layout, so adds stream through."""
-    c, width = coefficients.shape[0], basis.shape[1] // height
-    if channels_last:
-        return (basis.T @ coefficients.T).view(1, height, width, c).permute(0, 3, 1, 2)
-    return (coefficients @ basis).view(1, c, height, width)
-
-
-def _term_gradients(
-    grad: torch.Tensor, basis: torch.Tensor, needs: tuple[bool, bool]
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of the term's coefficients and of a bias, from one sum of `grad` over the batch.
-
-    The sum runs in the gradient's memory order: one streaming pass, the fastest reduction measured on
-    CPU (autograd's broadcast backward sums a channels_last gradient far slower).
-    """
-    n, c = grad.shape[:2]
-    if _is_channels_last(grad):  # products oriented as measured fastest for each layout
-        per_pixel = grad.permute(0, 2, 3, 1).reshape(n, -1, c).sum(0)  # (H*W, C)
-        return (basis @ per_pixel).T if needs[0] else None, per_pixel.sum(0) if needs[1] else None
-    per_pixel = grad.reshape(n, c, -1).sum(0)  # (C, H*W)
-    return per_pixel @ basis.T if needs[0] else None, per_pixel.sum(1) if needs[1] else None
-
-
-class _AddPositionTerm(torch.autograd.Function):
-    """`y += coefficients @ basis` for every image of the batch, in place."""
-
-    @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, coefficients: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(basis)
-        y.add_(_term(coefficients, basis, y.shape[-2], _is_channels_last(y)))
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (basis,) = ctx.saved_tensors
-        coefficients_grad, _ = _term_gradients(grad, basis, (ctx.needs_input_grad[1], False))
-        return grad, coefficients_grad, None
-
-
-_Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]  # stride, padding, dilation, groups
-
-# oneDNN's convolution that adds a tensor in its epilogue (what Inductor's CPU fusions call)
-_CONV_ADD = (
-    getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)
-    if torch.backends.mkldnn.is_available()
-    else None
-)
-
-
-class _ConvPlusTerm(torch.autograd.Function):
-    """`conv(x) + coefficients @ basis` with the add inside oneDNN's convolution, bias included.
-
-    The output is first filled with the term and the convolution adds into it. A fresh output costs
-    page faults that outweigh a 3-channel convolution's arithmetic; filling it is that same first touch,
-    so the term rides along instead of costing a pass of its own. In the backward, the batch sum that
-    gives the term's gradient also gives the bias's, so the convolution skips its own bias reduction.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        coefficients: torch.Tensor,
-        basis: torch.Tensor,
-        geometry: _Geometry,
-        height: int,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, basis)
-        ctx.geometry = geometry
-        stride, padding, dilation, groups = geometry
-        term = _term(coefficients, basis, height, channels_last=True)
-        y = term.expand(len(x), -1, -1, -1).clone(memory_format=torch.channels_last)  # a copy at batch 1 too
-        _CONV_ADD.binary(y, x, weight, bias, padding, stride, dilation, groups, "add", None, None, [], None)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, basis = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.geometry
-        needs = ctx.needs_input_grad
-        mask = [needs[0], needs[1], False]  # the bias's gradient comes from the term's batch sum
-        conv_backward = torch.ops.aten.convolution_backward
-        grad_x, grad_weight, _ = conv_backward(
-            grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, mask
-        )
-        coefficients_grad, bias_grad = _term_gradients(grad, basis, (needs[3], needs[2]))
-        return grad_x, grad_weight, bias_grad, coefficients_grad, None, None, None
-
-
-def _fusable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Where the fused convolution is measured faster (with glibc's default allocator): float32
-    channels_last on CPU, zero padding given in pixels, outside autocast and torch.compile."""
-    return (
-        _CONV_ADD is not None
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and _is_channels_last(x)
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    )
+from posconv.position_term import AddPositionTerm, is_channels_last, term_map
+from posconv.registry import COORDBIAS, COORDCONV, LAYERS, VANILLA
 
 
 class _PositionAware(nn.Conv2d):
@@ -160,35 +49,20 @@ class _PositionAware(nn.Conv2d):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_size = (x.shape[-2], x.shape[-1])
-        if _fusable(self, x):
-            out_size = self._output_size(in_size)
-            basis = self._positioned_basis(in_size, out_size, x)
-            geometry = (self.stride, self.padding, self.dilation, self.groups)
-            return _ConvPlusTerm.apply(
-                x, self.weight, self.bias, self.coefficients(), basis, geometry, out_size[0]
-            )
+        if fused.applies(self, x):
+            return fused.conv_plus_term(self, x)
         y = self._conv_forward(x, self.weight, self.bias)
-        basis = self._positioned_basis(in_size, (y.shape[-2], y.shape[-1]), y)
+        basis = self.positioned_basis((x.shape[-2], x.shape[-1]), (y.shape[-2], y.shape[-1]), y)
         coefficients = self.coefficients().to(y.dtype)
         if torch.compiler.is_compiling():  # Dynamo cannot trace mark_dirty; Inductor fuses the add itself
-            return y.add_(_term(coefficients, basis, y.shape[-2], _is_channels_last(y)))
-        return _AddPositionTerm.apply(y, coefficients, basis)
+            return y.add_(term_map(coefficients, basis, y.shape[-2], is_channels_last(y)))
+        return AddPositionTerm.apply(y, coefficients, basis)
 
-    def _positioned_basis(
+    def positioned_basis(
         self, in_size: tuple[int, int], out_size: tuple[int, int], like: torch.Tensor
     ) -> torch.Tensor:
+        """The basis under the layer's coordinate convention, on `like`'s device and dtype."""
         return positioned(self.basis(in_size, out_size, like.device, like.dtype), self.coords)
-
-    def _output_size(self, in_size: tuple[int, int]) -> tuple[int, int]:
-        """The output's (H, W) before convolving, for padding given in pixels."""
-        h, w = (
-            (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
-            for size, pad, dilation, kernel, stride in zip(
-                in_size, self.padding, self.dilation, self.kernel_size, self.stride, strict=True
-            )
-        )
-        return h, w
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, coords={self.coords}"
@@ -197,17 +71,10 @@ class _PositionAware(nn.Conv2d):
 class CoordBias2d(_PositionAware):
     """`nn.Conv2d` plus `coord_bias` (C_out, 2): `y = conv(x) + a_c*X + b_c*Y` at the kernel centres."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Any,
-        *,
-        coords: str = "centered",
-        **conv_kwargs: Any,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, coords=coords, **conv_kwargs)
-        self.coord_bias = nn.Parameter(self.weight.new_zeros(out_channels, 2))
+    def __init__(self, *shape: Any, coords: str = "centered", **conv_kwargs: Any) -> None:
+        """`shape`: in_channels, out_channels, kernel_size, as for `nn.Conv2d`."""
+        super().__init__(*shape, coords=coords, **conv_kwargs)
+        self.coord_bias = nn.Parameter(self.weight.new_zeros(self.out_channels, 2))
 
     def reset_parameters(self) -> None:
         """Zero `coord_bias`: the layer starts as the plain convolution with the same weights and the
@@ -276,29 +143,28 @@ class CoordConv2d(_PositionAware):
         return f"{super().extra_repr()}, with_r={self.with_r}"
 
 
-_BUILDERS: dict[str, Callable[..., nn.Conv2d]] = {
-    "vanilla": lambda *shape, coords, with_r, **kwargs: nn.Conv2d(*shape, **kwargs),
-    "coordbias": lambda *shape, coords, with_r, **kwargs: CoordBias2d(*shape, coords=coords, **kwargs),
-    "coordconv": lambda *shape, coords, with_r, **kwargs: CoordConv2d(
-        *shape, coords=coords, with_r=with_r, **kwargs
-    ),
+LAYER_CLASSES: dict[str, type[nn.Conv2d]] = {
+    VANILLA: nn.Conv2d,
+    COORDBIAS: CoordBias2d,
+    COORDCONV: CoordConv2d,
 }
-LAYER_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+LAYER_OPTIONS: dict[str, tuple[str, ...]] = {  # what each layer takes beyond nn.Conv2d's signature
+    VANILLA: (),
+    COORDBIAS: ("coords",),
+    COORDCONV: ("coords", "with_r"),
+}
+_CONV_ARGUMENTS = ("stride", "padding", "dilation", "groups", "bias", "padding_mode", "device", "dtype")
 
 
-def make_conv(
-    name: str,
-    in_channels: int,
-    out_channels: int,
-    kernel_size: Any,
-    *,
-    coords: str = "centered",
-    with_r: bool = False,
-    **conv_kwargs: Any,
-) -> nn.Conv2d:
-    """Build layer `name` with the full `nn.Conv2d` signature; a layer ignores options it has no use for."""
-    if name not in _BUILDERS:
-        raise ValueError(f"layer {name!r}: expected one of {', '.join(LAYER_NAMES)}")
-    return _BUILDERS[name](
-        in_channels, out_channels, kernel_size, coords=coords, with_r=with_r, **conv_kwargs
-    )
+def make_conv(name: str, in_channels: int, out_channels: int, kernel_size: Any, **options: Any) -> nn.Conv2d:
+    """Build layer `name` with `nn.Conv2d`'s signature plus the options that layer takes.
+
+    An unknown name is a ValueError, an option the layer does not take a TypeError: nothing is dropped.
+    """
+    if name not in LAYER_CLASSES:
+        raise ValueError(f"layer {name!r}: expected one of {', '.join(LAYERS)}")
+    unknown = sorted(set(options) - set(LAYER_OPTIONS[name]) - set(_CONV_ARGUMENTS))
+    if unknown:
+        takes = ", ".join(LAYER_OPTIONS[name]) or "none"
+        raise TypeError(f"layer {name!r} takes no option {', '.join(unknown)} (its own options: {takes})")
+    return LAYER_CLASSES[name](in_channels, out_channels, kernel_size, **options)

@@ -13,11 +13,9 @@ import numpy as np
 import pandas as pd
 
 from posconv.errors import BadInput
+from posconv.registry import BACKGROUND, BOTTOM_RED, LEFT_YELLOW, N_CLASSES, POSITION_CLASSES, RIGHT_YELLOW
 
-N_CLASSES = 4
-BACKGROUND, RIGHT_YELLOW, LEFT_YELLOW, BOTTOM_RED = range(N_CLASSES)
 YELLOW_CLASSES = (RIGHT_YELLOW, LEFT_YELLOW)
-POSITION_CLASSES = (RIGHT_YELLOW, LEFT_YELLOW, BOTTOM_RED)  # the classes that depend on where a circle is
 N_FAMILIES, YELLOW, RED = 3, 1, 2  # colour families; 0 is not a circle
 # (family, true class, predicted class): right colour, wrong position (each class's positional twin)
 POSITION_SWAPS = (

@@ -17,9 +17,9 @@ from torch import nn
 
 from posconv.errors import BadInput
 from posconv.io import atomic_outputs
-from posconv.layers import make_conv
+from posconv.layers import LAYER_OPTIONS, make_conv
+from posconv.registry import BASELINE, N_CLASSES
 
-N_CLASSES = 4
 ENCODER_STAGES = ((1, 1), (2, 2), (4, 4))  # channel multiples of w; each stage ends in a 2x2 max pool
 DOWNSAMPLING = 2 ** len(ENCODER_STAGES)
 
@@ -37,18 +37,16 @@ class ModelSpec:
 
     @classmethod
     def of(cls, layer: str, options: Mapping[str, Any]) -> ModelSpec:
-        """The spec of `layer`'s network from model options, keeping only those it reads (SPEC_FIELDS)."""
-        return cls(layer=layer, **{name: options[name] for name in SPEC_FIELDS[layer]})
+        """The spec of `layer`'s network from model options, keeping only those it reads."""
+        return cls(layer=layer, **{name: options[name] for name in spec_fields(layer)})
 
 
-# The model options each layer's network reads: a vanilla network has no position-aware layer to place
-# or feed coordinates. The train stages in dvc.yaml list exactly these, so a change re-trains only
-# the networks it touches.
-SPEC_FIELDS: dict[str, tuple[str, ...]] = {
-    "vanilla": ("width", "encoder_batchnorm"),
-    "coordbias": ("width", "encoder_batchnorm", "placement", "coords"),
-    "coordconv": ("width", "encoder_batchnorm", "placement", "coords", "with_r"),
-}
+def spec_fields(layer: str) -> tuple[str, ...]:
+    """The model options `layer`'s network reads: a vanilla network has no position-aware layer to place
+    or to give options. The train stages in dvc.yaml list exactly these, so a change re-trains only the
+    networks it touches."""
+    shared = ("width", "encoder_batchnorm")
+    return shared if layer == BASELINE else (*shared, "placement", *LAYER_OPTIONS[layer])
 
 
 class FCN(nn.Module):
@@ -74,8 +72,9 @@ class FCN(nn.Module):
     def _conv(self, needs: str | tuple[str, ...], **shape: int) -> nn.Conv2d:
         """A convolution that is position-aware when `spec.placement` is one of `needs`."""
         aware = self.spec.placement in ((needs,) if isinstance(needs, str) else needs)
-        name = self.spec.layer if aware else "vanilla"
-        return make_conv(name, coords=self.spec.coords, with_r=self.spec.with_r, **shape)
+        name = self.spec.layer if aware else BASELINE
+        options = {option: getattr(self.spec, option) for option in LAYER_OPTIONS[name]}
+        return make_conv(name, **shape, **options)
 
     def _encoder_conv(self, index: int, c_in: int, c_out: int) -> list[nn.Module]:
         needs = ("encoder", "all", "first") if index == 0 else ("encoder", "all")

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
-from posconv.scenes import CLASS_NAMES
+from posconv.registry import CLASS_NAMES
 
 # One colour per class, the same in every figure: background, yellow right, yellow left, red bottom.
 LABEL_COLOURS = ("#1a1a1a", "#ff9f1c", "#2ec4b6", "#e71d36")

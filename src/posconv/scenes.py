@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-CLASS_NAMES = ("background", "yellow_right", "yellow_left", "red_bottom")
 COLOURS = {"yellow": (255, 255, 0), "red": (255, 0, 0)}
 CIRCLES = 3
 CIRCLE_COLUMNS = ("image", "order", "colour", "cx", "cy", "radius", "label", "visible")

@@ -1,7 +1,8 @@
 """Stage `train_<layer>`: train the study's network with one encoder layer, logged with DVCLive.
 
-`python -m posconv.train {vanilla,coordbias,coordconv}` writes `models/<layer>.pt` and the DVCLive
-folder `metrics/train/<layer>/` (metrics.json and per-step plots). Either all of it or nothing.
+`python -m posconv.stages.train <layer>` writes `models/<layer>.pt` and the DVCLive folder
+`metrics/train/<layer>/` (metrics.json and per-step plots). Both are written under temporary names
+and renamed into place together at the end, so a failed or killed run leaves the previous pair.
 """
 
 from __future__ import annotations
@@ -9,17 +10,17 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
 import time
-from pathlib import Path
 
 import torch
 from dvclive import Live
 
+from posconv import fused, registry
 from posconv.cli import run
-from posconv.config import LAYERS, load_params
+from posconv.config import load_params
 from posconv.data import load_scenes, load_split
-from posconv.engine import LabelledImages, peak_memory_mb, place, resolve_device, train
+from posconv.engine import LabelledImages, TrainResult, peak_memory_mb, place, resolve_device, train
+from posconv.io import atomic_outputs
 from posconv.model import FCN, ModelSpec, count_parameters, save_model
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class LiveLog:
 
     def train_loss(self, step: int, loss: float) -> None:
         self.live.step = step
-        self.live.log_metric("train/loss", loss)
+        self.live.log_metric("train/loss", loss)  # registry.loss_curve names the file this makes
 
     def validation(self, step: int, scores: dict) -> None:
         self.live.step = step
@@ -53,48 +54,42 @@ def steps_to_target(
     return next(reached, None)
 
 
+def summary(result: TrainResult, model: FCN, started: float, device: torch.device) -> dict:
+    """The run's numbers for DVCLive's metrics.json (what `dvc exp show` lists)."""
+    vanilla = FCN(ModelSpec.of(registry.BASELINE, vars(model.spec)))
+    return {
+        "steps": result.steps,
+        "steps_to_position_recall_0_9": steps_to_target(result.validations),
+        "train_images_per_s": result.images_per_second,
+        "wall_time_s": time.perf_counter() - started,
+        "parameters": count_parameters(model),
+        "extra_parameters": count_parameters(model) - count_parameters(vanilla),
+        "peak_memory_mb": peak_memory_mb(device),
+        "device": str(device),
+    }
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m posconv.train", description=__doc__)
-    parser.add_argument("layer", choices=LAYERS)
+    parser = argparse.ArgumentParser(prog="python -m posconv.stages.train", description=__doc__)
+    parser.add_argument("layer", choices=registry.LAYERS)
     layer = parser.parse_args(argv).layer
     params = load_params()
     device = resolve_device(params.device)
-    scenes, split = load_scenes("data/scenes"), load_split("data/split.npz")
+    fused.enable(params.train.fused_conv)
+    scenes, split = load_scenes(registry.SCENES), load_split(registry.SPLIT)
     train_data, val_data = (
         LabelledImages.from_arrays(scenes.images[split[name]], scenes.labels[split[name]], device)
         for name in ("train", "val")
     )
     torch.manual_seed(params.train.seed)
-    spec = ModelSpec.of(layer, vars(params.model))
-    model = place(FCN(spec), device, params.train.channels_last)
-    live_dir = Path("metrics/train") / layer
+    model = place(FCN(ModelSpec.of(layer, params.model.model_dump())), device, params.train.channels_last)
     started = time.perf_counter()
-    try:
+    with atomic_outputs(registry.model_path(layer), registry.train_dir(layer)) as (model_path, live_dir):
         with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
-            result = train(
-                model,
-                train_data,
-                val_data,
-                params.train,
-                LiveLog(live),
-                params.train.val_every,
-                params.train.batch_size,
-            )
-            live.summary.update(
-                steps=result.steps,
-                steps_to_position_recall_0_9=steps_to_target(result.validations),
-                train_images_per_s=result.images_per_second,
-                wall_time_s=time.perf_counter() - started,
-                parameters=count_parameters(model),
-                extra_parameters=count_parameters(model)
-                - count_parameters(FCN(ModelSpec.of("vanilla", vars(spec)))),
-                peak_memory_mb=peak_memory_mb(device),
-                device=str(device),
-            )
-            save_model(model, Path("models") / f"{layer}.pt")
-    except BaseException:
-        shutil.rmtree(live_dir, ignore_errors=True)
-        raise
+            log, every = LiveLog(live), params.train.val_every
+            result = train(model, train_data, val_data, params.train, log, every, params.train.batch_size)
+            live.summary.update(summary(result, model, started, device))
+        save_model(model, model_path)
     logger.info(
         "%s: %d steps, train loss %.4f, val mIoU %.3f, %.0f img/s on %s",
         layer,

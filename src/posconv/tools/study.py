@@ -1,8 +1,8 @@
 """The seed study's open questions, measured over several seeds as DVC experiments.
 
-`python -m posconv.study run` runs every (variant, seed) of the grid (`posconv.grid`) as
+`python -m posconv.tools.study run` runs every (variant, seed) of the grid (`posconv.grid`) as
 `dvc exp run --temp` up to the evaluate stage (the workspace is left alone), then collects.
-`python -m posconv.study collect` finds the experiments in `dvc exp show --json`, reads their metrics
+`python -m posconv.tools.study collect` finds the experiments in `dvc exp show --json`, reads their metrics
 files from git and writes `metrics/study.json`, which the report presents.
 """
 
@@ -17,18 +17,9 @@ import time
 from pathlib import Path
 
 from posconv.cli import run
-from posconv.config import LAYERS
-from posconv.grid import (
-    FULL_SCALE,
-    SCALE,
-    SEEDS,
-    STUDY,
-    VARIANTS,
-    aggregate,
-    compare,
-    experiment_name,
-)
+from posconv.grid import FULL_SCALE, SCALE, SEEDS, VARIANTS, aggregate, compare, experiment_name
 from posconv.io import read_json, write_json
+from posconv.registry import LAYERS, STUDY, evaluate_metrics, train_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +61,7 @@ def experiment_revisions(shown: list[dict]) -> dict[str, str]:
 
 def read_metrics(revision: str) -> dict[str, dict]:
     """An experiment's metrics files, whole, from its git commit (`dvc exp show` drops list values)."""
-    paths = [f"metrics/evaluate/{model}.json" for model in LAYERS] + [
-        f"metrics/train/{model}/metrics.json" for model in LAYERS
-    ]
+    paths = [evaluate_metrics(model) for model in LAYERS] + [train_metrics(model) for model in LAYERS]
     return {path: json.loads(_git_show(f"{revision}:{path}")) for path in paths}
 
 
@@ -96,7 +85,7 @@ def collect(cost: dict | None) -> None:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m posconv.study", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m posconv.tools.study", description=__doc__)
     parser.add_argument("step", choices=["run", "collect"])
     parser.add_argument("--full-scale", action="store_true", help="the seed's scale (for a GPU), not SCALE")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Stage `split`: stratified train/val/test indices into `data/split.npz`, class statistics into
 `metrics/data.json`.
 
-`python -m posconv.split` reads `seed`, `split` and `generate.images` from params.yaml, and only the
+`python -m posconv.stages.split` reads `seed`, `split` and `generate.images` from params.yaml, and only the
 label maps of the data set. Images are grouped by which classes they contain, and each group is
 shared out in proportion, so every split holds all four classes at similar pixel frequencies.
 """
@@ -15,17 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from posconv import registry
 from posconv.cli import run
 from posconv.config import load_params
 from posconv.data import LABELS, class_pixel_counts, load_labels, save_split, stratified_split
 from posconv.errors import BadInput
 from posconv.io import atomic_outputs
-from posconv.scenes import CLASS_NAMES
 
 logger = logging.getLogger(__name__)
-SCENES = Path("data/scenes")
-SPLIT = "data/split.npz"
-METRICS = "metrics/data.json"
+SCENES = Path(registry.SCENES)
 STREAM = 1  # tells the split's random stream apart from the data set's (scenes.STREAM)
 
 
@@ -40,14 +38,15 @@ def split_metrics(counts: np.ndarray, split: dict[str, np.ndarray]) -> dict[str,
     for name, indices in split.items():
         pixels = counts[indices].sum(axis=0)
         fractions = {
-            cls: round(float(p / pixels.sum()), 6) for cls, p in zip(CLASS_NAMES, pixels, strict=True)
+            cls: round(float(p / pixels.sum()), 6)
+            for cls, p in zip(registry.CLASS_NAMES, pixels, strict=True)
         }
         metrics[name] = {"images": len(indices), "pixel_fraction": fractions}
     return metrics
 
 
 def main(argv: list[str]) -> None:
-    argparse.ArgumentParser(prog="python -m posconv.split", description=__doc__).parse_args(argv)
+    argparse.ArgumentParser(prog="python -m posconv.stages.split", description=__doc__).parse_args(argv)
     params = load_params()
     labels = load_labels(SCENES)
     if len(labels) != params.generate.images:
@@ -57,19 +56,19 @@ def main(argv: list[str]) -> None:
         )
     counts = class_pixel_counts(labels)
     if (counts.sum(axis=1) != labels[0].size).any():
-        raise BadInput(f"{SCENES / LABELS}: labels outside 0..{len(CLASS_NAMES) - 1}")
+        raise BadInput(f"{SCENES / LABELS}: labels outside 0..{registry.N_CLASSES - 1}")
     rng = np.random.default_rng([params.seed, STREAM])
     split = stratified_split(presence_strata(counts), params.split_sizes(), rng)
     metrics = split_metrics(counts, split)
-    with atomic_outputs(SPLIT, METRICS) as (split_path, metrics_path):
+    with atomic_outputs(registry.SPLIT, registry.DATA_METRICS) as (split_path, metrics_path):
         save_split(split_path, split)
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info(
         "split: %s images (seed %d, stratified by classes present) -> %s, %s",
         " / ".join(f"{m['images']} {name}" for name, m in metrics.items()),
         params.seed,
-        SPLIT,
-        METRICS,
+        registry.SPLIT,
+        registry.DATA_METRICS,
     )
 
 

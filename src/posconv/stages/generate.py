@@ -1,6 +1,6 @@
 """Stage `generate`: draw the data set into `data/scenes/` and a preview grid, all or nothing.
 
-`python -m posconv.generate` reads `seed` and `generate` from params.yaml.
+`python -m posconv.stages.generate` reads `seed` and `generate` from params.yaml.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import argparse
 import logging
 import time
 
+from posconv import registry
 from posconv.cli import run
 from posconv.config import load_params
 from posconv.data import load_scenes, write_scenes
@@ -16,17 +17,15 @@ from posconv.io import atomic_outputs
 from posconv.plots import save_preview
 
 logger = logging.getLogger(__name__)
-SCENES = "data/scenes"
-PREVIEW = "plots/data/preview.png"
 PREVIEW_IMAGES = 6
 
 
 def main(argv: list[str]) -> None:
-    argparse.ArgumentParser(prog="python -m posconv.generate", description=__doc__).parse_args(argv)
+    argparse.ArgumentParser(prog="python -m posconv.stages.generate", description=__doc__).parse_args(argv)
     params = load_params()
     size, count = params.generate.size, params.generate.images
     started = time.perf_counter()
-    with atomic_outputs(SCENES, PREVIEW) as (scenes_dir, preview):
+    with atomic_outputs(registry.SCENES, registry.PREVIEW) as (scenes_dir, preview):
         write_scenes(scenes_dir, params.seed, size, count, progress=True)
         scenes = load_scenes(scenes_dir)
         save_preview(scenes.images[:PREVIEW_IMAGES], scenes.labels[:PREVIEW_IMAGES], preview)
@@ -38,8 +37,8 @@ def main(argv: list[str]) -> None:
         params.seed,
         seconds,
         count / seconds,
-        SCENES,
-        PREVIEW,
+        registry.SCENES,
+        registry.PREVIEW,
     )
 
 

@@ -1,21 +1,12 @@
-"""Stage `report`: `plots/report.md`, the study on one page. Every number is read from metrics files."""
+"""The report as Markdown: the study on one page, rendered from metrics that the report stage reads."""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict
+from posconv.config import Params
+from posconv.registry import BASELINE, CLASS_NAMES, LAYERS
 
-from posconv.cli import run
-from posconv.config import LAYERS, Params, load_params
-from posconv.grid import load_study
-from posconv.io import atomic_outputs, read_json
-from posconv.metrics import position_recall
-
-logger = logging.getLogger(__name__)
-REPORT = "plots/report.md"
-BENCH_LAYERS = "metrics/bench_layers.json"  # written by `python -m posconv.bench layers`
 MARGIN = 0.05  # a position-recall difference smaller than this is not called a gain or a loss
-CLASSES = ("0 background", "1 yellow right", "2 yellow left", "3 red bottom")
+CLASSES = tuple(f"{index} {name.replace('_', ' ')}" for index, name in enumerate(CLASS_NAMES))
 FIGURES = {
     "Training loss (per step) and validation loss": "evaluate/losses.png",
     "Test recall per class (the seed's figure)": "evaluate/recall.png",
@@ -47,7 +38,7 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def params_section(params: Params, data: dict) -> str:
-    groups = {name: asdict(getattr(params, name)) for name in ("generate", "split", "model", "train")}
+    groups = {name: getattr(params, name).model_dump() for name in ("generate", "split", "model", "train")}
     rows = [
         [f"`{group}.{key}`", fmt(value)] for group, values in groups.items() for key, value in values.items()
     ]
@@ -59,7 +50,7 @@ def params_section(params: Params, data: dict) -> str:
 def headline_section(summary: dict) -> str:
     layer = summary["layer"]
     rows = [
-        [f"`{key}`", *(values[m] for m in ("vanilla", layer, "difference"))]
+        [f"`{key}`", *(values[m] for m in (BASELINE, layer, "difference"))]
         for key, values in summary.items()
         if isinstance(values, dict)
     ]
@@ -67,8 +58,8 @@ def headline_section(summary: dict) -> str:
         ["`parameter_overhead`", "", "", summary["parameter_overhead"]],
         ["`train_time_ratio` (layer / vanilla time per image)", "", "", summary["train_time_ratio"]],
     ]
-    return f"## Headline: `{layer}` against `vanilla` (test split)\n\n" + table(
-        ["quantity", "vanilla", layer, "difference"], rows
+    return f"## Headline: `{layer}` against `{BASELINE}` (test split)\n\n" + table(
+        ["quantity", BASELINE, layer, "difference"], rows
     )
 
 
@@ -117,13 +108,13 @@ def verdict(summary: dict, training: dict[str, dict]) -> str:
         word = f"does not reproduce the seed study's gap (difference within {MARGIN})"
     finding = (
         f"**{word}**: test recall on the position classes is {fmt(recall[layer])} for `{layer}` "
-        f"against {fmt(recall['vanilla'])} for `vanilla` (difference {fmt(gain)})"
+        f"against {fmt(recall[BASELINE])} for `{BASELINE}` (difference {fmt(gain)})"
     )
     steps = summary["steps_to_position_recall_0_9"]
-    reached = {m: _reached(steps[m], training[m]["steps"]) for m in (layer, "vanilla")}
+    reached = {m: _reached(steps[m], training[m]["steps"]) for m in (layer, BASELINE)}
     speed = (
         f"Validation recall on the position classes reached 0.9 {reached[layer]} for `{layer}`, "
-        f"and {reached['vanilla']} for `vanilla`."
+        f"and {reached[BASELINE]} for `{BASELINE}`."
     )
     cost = (
         f"The layer adds {fmt(summary['parameters']['difference'])} parameters "
@@ -206,31 +197,38 @@ def study_section(study: dict) -> str:
     return "## The seed study's open questions\n\n" + "\n\n".join(sections)
 
 
+AWARE = tuple(layer for layer in LAYERS if layer != BASELINE)
+
+
 def layer_cost_section(bench: dict) -> str:
-    """Q3's speed: each layer's forward+backward time over nn.Conv2d's, from the layer benchmark."""
+    """Q3's speed: each layer's forward+backward time over nn.Conv2d's, from the layer benchmark: the
+    default (plain) path, and the opt-in fused backend where the benchmark ran it."""
     settings: dict[tuple, list[dict]] = {}
     for row in bench["results"]:
         settings.setdefault((row["device"], row["dtype"], row["format"], row["width"]), []).append(row)
+    variants = [*AWARE, *(f"{layer}_fused" for layer in AWARE)]
     rows = []
     for (device, dtype, memory_format, width), cases in settings.items():
         stack = next(case for case in cases if case["layer"] == "encoder stack")
         worst_ratio, worst = max(
-            (max(case["coordbias_ratio"], case["coordconv_ratio"]), case["layer"])
+            (max(case[f"{layer}_ratio"] for layer in AWARE), case["layer"])
             for case in cases
             if case is not stack
         )
         rows.append([
             f"{device} ({bench['devices'][device]})", dtype, memory_format, width,
-            stack["coordbias_ratio"], stack["coordconv_ratio"], f"{fmt(worst_ratio)} (`{worst}`)",
+            *(stack.get(f"{variant}_ratio") for variant in variants), f"{fmt(worst_ratio)} (`{worst}`)",
             fmt(bench["targets"][device]),
         ])  # fmt: skip
     intro = (
         "Forward+backward time over `nn.Conv2d`'s at the encoder's shapes (128 px, batch "
         f"{bench['batch']}), the median of per-repetition ratios over interleaved repetitions "
-        "(`python -m posconv.bench layers`, `metrics/bench_layers.json`): the six encoder convolutions "
-        "with their ReLUs and pools as in the model, and the worst single convolution of the six."
+        "(`python -m posconv.tools.bench layers`, `metrics/bench_layers.json`): the six encoder "
+        "convolutions with their ReLUs and pools as in the model, by the default path and by the opt-in "
+        "fused backend (CPU only), and the worst single convolution of the six on the default path."
     )
-    header = ["device", "dtype", "memory", "width", "coordbias: stack", "coordconv: stack"]
+    header = ["device", "dtype", "memory", "width"]
+    header += [f"{variant.replace('_', ' ')}: stack" for variant in variants]
     header += ["worst single", "target"]
     return f"## Cost of the layers\n\n{intro}\n\n" + table(header, rows)
 
@@ -251,23 +249,3 @@ def render(
         params_section(params, data),
     ]
     return "\n\n".join(sections) + "\n"
-
-
-def main(argv: list[str]) -> None:
-    params = load_params()
-    summary = read_json("metrics/summary.json")
-    evaluation = {m: read_json(f"metrics/evaluate/{m}.json") for m in LAYERS}
-    training = {m: read_json(f"metrics/train/{m}/metrics.json") for m in LAYERS}
-    data, study, bench = read_json("metrics/data.json"), load_study(), read_json(BENCH_LAYERS)
-    with atomic_outputs(REPORT) as (temp,):
-        temp.write_text(render(params, summary, evaluation, training, data, study, bench))
-    logger.info(
-        "wrote %s (%s position recall %s)",
-        REPORT,
-        summary["layer"],
-        fmt(position_recall(evaluation[summary["layer"]]["recall"])),
-    )
-
-
-if __name__ == "__main__":
-    run(main)

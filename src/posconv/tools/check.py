@@ -1,22 +1,25 @@
 """The CI gate: committed metrics must exist, match the committed code and params, and pass thresholds.
 
-`python -m posconv.check` exits 1 on any failure. Stale means `dvc status` finds a stage whose params,
+`python -m posconv.tools.check` exits 1 on any failure. Stale means `dvc status` finds a stage whose params,
 code or git-tracked outputs differ from `dvc.lock`; cached data and models are absent from a fresh
 clone and are not held against it. It also prints `dvc metrics diff --md` against the previous commit.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 from dvc.repo import Repo
 
 from posconv.cli import run
-from posconv.config import load_params
+from posconv.config import load_params, read_yaml
+from posconv.errors import BadInput
 from posconv.io import read_json
+from posconv.registry import SUMMARY
 
 ABSENT = {"deleted", "not in cache"}  # how `dvc status` reports a cached file this checkout lacks
 
@@ -40,12 +43,21 @@ def stale_stages(repo: Repo) -> list[str]:
     return problems
 
 
-def threshold_failures(summary: dict, layer: str, min_miou: float, min_position_recall: float) -> list[str]:
-    checks = {"miou": min_miou, "position_recall": min_position_recall}
+def headline_value(summary: object, key: str, layer: str) -> float:
+    """`summary[key][layer]` as a number, or one `BadInput` line naming what is missing."""
+    value = summary.get(key) if isinstance(summary, dict) else None
+    value = value.get(layer) if isinstance(value, dict) else None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise BadInput(f"{SUMMARY}: {key}.{layer} = {value!r}: expected a finite number")
+    return float(value)
+
+
+def threshold_failures(summary: object, layer: str, minimums: dict[str, float]) -> list[str]:
+    values = {key: headline_value(summary, key, layer) for key in minimums}
     return [
-        f"{key} of {layer} = {summary[key][layer]:.4f} < {minimum}"
-        for key, minimum in checks.items()
-        if summary[key][layer] < minimum
+        f"{key} of {layer} = {values[key]:.4f} < {minimum}"
+        for key, minimum in minimums.items()
+        if values[key] < minimum
     ]
 
 
@@ -58,29 +70,26 @@ def metrics_diff() -> str:
 
 
 def main(argv: list[str]) -> None:
+    argparse.ArgumentParser(prog="python -m posconv.tools.check", description=__doc__).parse_args(argv)
     params = load_params()
-    declared = yaml.safe_load(Path("dvc.yaml").read_text()).get("metrics", [])
+    declared = (read_yaml("dvc.yaml") or {}).get("metrics", [])
     problems = [f"{path}: committed metrics file missing" for path in declared if not Path(path).is_file()]
     with Repo(".") as repo:
         problems += stale_stages(repo)
-    summary = read_json("metrics/summary.json")
-    if summary.get("layer") != params.layer:
-        problems.append(
-            f"metrics/summary.json is about {summary.get('layer')!r}, params.yaml has layer {params.layer!r}"
-        )
+    summary = read_json(SUMMARY)
+    layer = summary.get("layer") if isinstance(summary, dict) else None
+    minimums = {"miou": params.check.min_miou, "position_recall": params.check.min_position_recall}
+    if layer != params.layer:
+        problems.append(f"{SUMMARY} is about {layer!r}, params.yaml has layer {params.layer!r}")
     else:
-        problems += threshold_failures(
-            summary, params.layer, params.check.min_miou, params.check.min_position_recall
-        )
+        problems += threshold_failures(summary, layer, minimums)
     print(metrics_diff())
     for problem in problems:
         print(f"FAIL {problem}")
     if problems:
         sys.exit(1)
-    print(
-        f"metrics gate passed: {params.layer} mIoU {summary['miou'][params.layer]:.4f}, "
-        f"position recall {summary['position_recall'][params.layer]:.4f}"
-    )
+    passed = ", ".join(f"{key} {headline_value(summary, key, layer):.4f}" for key in minimums)
+    print(f"metrics gate passed: {layer} {passed}")
 
 
 if __name__ == "__main__":

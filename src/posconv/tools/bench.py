@@ -1,9 +1,12 @@
-"""Benchmarks that print ratios measured within one run: `python -m posconv.bench {layers,generate,train}`."""
+"""Benchmarks that print ratios measured within one run.
+
+`python -m posconv.tools.bench {layers,generate,train}`; `layers` is the `bench_layers` stage of
+`study/dvc.yaml` and writes `metrics/bench_layers.json`, which the report reads.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import os
 import platform
@@ -21,6 +24,7 @@ from dvclive import Live
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from posconv import fused
 from posconv.cli import run
 from posconv.config import TrainParams, load_params
 from posconv.data import write_scenes
@@ -35,12 +39,12 @@ from posconv.engine import (
     train_step,
 )
 from posconv.io import write_json
-from posconv.layers import LAYER_NAMES, make_conv
-from posconv.metrics import N_CLASSES
+from posconv.layers import make_conv
 from posconv.model import FCN, ModelSpec
 from posconv.plots import save_preview
+from posconv.registry import BASELINE, BENCH_LAYERS, LAYERS, N_CLASSES
 from posconv.scenes import draw_scenes, image_stream
-from posconv.train import LiveLog
+from posconv.stages.train import LiveLog
 
 # ---- layers ----
 
@@ -53,8 +57,17 @@ _LAYER_SETTINGS = {  # device: (dtype, memory format) pairs benchmarked there (t
 _FORMAT_NAMES = {torch.contiguous_format: "NCHW", torch.channels_last: "NHWC"}
 _LAYER_COLUMNS = (
     "{device:<5}{dtype:<9}{format:<6}{width:>3}  {layer:<15}{reps:>5}{vanilla_ms:>11}"
-    " {coordbias:>19} {coordconv:>19}"
+    " {coordbias:>19} {coordconv:>19} {coordbias_fused:>19} {coordconv_fused:>19}"
 )
+_AWARE = LAYERS[1:]  # timed against the baseline, plain and (on CPU) with the fused backend
+
+
+def _variants(device: str) -> dict[str, tuple[str, bool]]:
+    """Row name -> (layer, fused backend on): the plain layers, and the fused ones where they can run."""
+    variants = {name: (name, False) for name in LAYERS}
+    if device == "cpu" and fused.available():
+        variants |= {f"{name}_fused": (name, True) for name in _AWARE}
+    return variants
 
 
 def _encoder_shapes(width: int, size: int) -> list[tuple[int, int, int]]:
@@ -83,48 +96,56 @@ def _layer_cases(
     yield "encoder stack", partial(_encoder_stack, width=width), (batch, 3, size, size), False
 
 
-def _time_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+def _time_step(module: nn.Module, fused_on: bool, x: torch.Tensor, grad: torch.Tensor) -> float:
     """Seconds for one forward and backward, synchronised on CUDA."""
     synchronize = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     synchronize()
     start = time.perf_counter()
-    module(x).backward(grad)
+    with fused.switched(fused_on):
+        module(x).backward(grad)
     synchronize()
     return time.perf_counter() - start
 
 
-def _time_layers(modules: dict[str, nn.Module], x: torch.Tensor, budget_s: float) -> dict[str, list[float]]:
+def _time_layers(
+    modules: dict[str, tuple[nn.Module, bool]], x: torch.Tensor, budget_s: float
+) -> dict[str, list[float]]:
     """Interleaved repetitions (the order rotates) so that a load change on the machine hits every layer."""
-    grad = torch.randn_like(modules["vanilla"](x))
-    warm_up = sum(_time_step(module, x, grad) for module in modules.values())
+    grad = torch.randn_like(modules[BASELINE][0](x))
+    warm_up = sum(_time_step(*module, x, grad) for module in modules.values())
     reps = min(40, max(8, int(budget_s / warm_up)))
     names, times = list(modules), {name: [] for name in modules}
     for rep in range(reps):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            times[name].append(_time_step(modules[name], x, grad))
+            times[name].append(_time_step(*modules[name], x, grad))
     return times
 
 
 def _bench_layer_case(
     build: Callable[[str], nn.Module], x: torch.Tensor, memory_format: torch.memory_format, budget_s: float
 ) -> dict[str, Any]:
-    """Median times; ratios to vanilla: the median of those within one repetition (the headline), and
-    that of the fastest repetitions (other processes on the machine only ever add time)."""
+    """Median times; ratios to the baseline: the median of those within one repetition (the headline),
+    and that of the fastest repetitions (other processes on the machine only ever add time)."""
     to = {"device": x.device, "dtype": x.dtype, "memory_format": memory_format}
-    times = _time_layers({name: build(name).to(**to) for name in LAYER_NAMES}, x, budget_s)
-    row: dict[str, Any] = {"reps": len(times["vanilla"])}
+    variants = _variants(x.device.type)
+    modules = {name: (build(layer).to(**to), on) for name, (layer, on) in variants.items()}
+    times = _time_layers(modules, x, budget_s)
+    row: dict[str, Any] = {"reps": len(times[BASELINE])}
     for name, seconds in times.items():
         row[f"{name}_ms"] = round(1e3 * statistics.median(seconds), 3)
-        if name != "vanilla":
-            ratios = [t / t0 for t, t0 in zip(seconds, times["vanilla"], strict=True)]
+        if name != BASELINE:
+            ratios = [t / t0 for t, t0 in zip(seconds, times[BASELINE], strict=True)]
             row[f"{name}_ratio"] = round(statistics.median(ratios), 3)
-            row[f"{name}_ratio_fastest"] = round(min(seconds) / min(times["vanilla"]), 3)
+            row[f"{name}_ratio_fastest"] = round(min(seconds) / min(times[BASELINE]), 3)
     return row
 
 
 def _layer_line(row: dict[str, Any]) -> str:
     ratios = {
-        name: f"{row[f'{name}_ratio']:.3f}x ({row[f'{name}_ratio_fastest']:.3f}x)" for name in LAYER_NAMES[1:]
+        name: f"{row[f'{name}_ratio']:.3f}x ({row[f'{name}_ratio_fastest']:.3f}x)"
+        if f"{name}_ratio" in row
+        else "-"
+        for name in (*_AWARE, *(f"{name}_fused" for name in _AWARE))
     }
     return _LAYER_COLUMNS.format(**row, **ratios)
 
@@ -139,11 +160,12 @@ def _cpu_name() -> str:
 
 def bench_layers(args: argparse.Namespace) -> None:
     """Forward+backward time of coordbias and coordconv over nn.Conv2d's at the encoder's shapes."""
-    widths, size, batch, budget_s = ((4,), 16, 2, 0.1) if args.quick else ((32, 64), 128, 16, 12.0)
+    widths, size, batch, budget_s = ((4,), 16, 2, 0.1) if args.quick else ((32, 64), 128, 16, 8.0)
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     header = dict(device="dev", dtype="dtype", format="mem", width="w", layer="layer", reps="reps")
     header |= dict(vanilla_ms="conv2d ms")
-    print(_LAYER_COLUMNS.format(**header, coordbias="coordbias (fastest)", coordconv="coordconv (fastest)"))
+    names = {name: f"{name} (fastest)" for name in _AWARE} | {f"{n}_fused": f"{n}+fused" for n in _AWARE}
+    print(_LAYER_COLUMNS.format(**header, **names))
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     rows = []
@@ -155,7 +177,7 @@ def bench_layers(args: argparse.Namespace) -> None:
             row = {"device": device, "dtype": str(dtype).removeprefix("torch.")}
             row |= {"format": _FORMAT_NAMES[memory_format], "width": width, "layer": layer}
             row |= _bench_layer_case(build, x, memory_format, budget_s)
-            worst = max(row["coordbias_ratio"], row["coordconv_ratio"])
+            worst = max(row[f"{name}_ratio"] for name in _AWARE)  # the default (plain) path
             rows.append(row | {"meets_target": worst <= _LAYER_TARGETS[device]})
             print(_layer_line(row), flush=True)
     names = {"cpu": _cpu_name()}
@@ -164,7 +186,7 @@ def bench_layers(args: argparse.Namespace) -> None:
     summary |= {"load_average_1min": {"start": load_before, "end": os.getloadavg()[0]}}
     summary |= {"batch": batch, "quick": args.quick, "targets": _LAYER_TARGETS, "results": rows}
     if not args.quick:  # a smoke test's toy sizes must not replace the committed measurement
-        write_json(Path("metrics/bench_layers.json"), summary)
+        write_json(Path(BENCH_LAYERS), summary)
     print(f"{sum(row['meets_target'] for row in rows)}/{len(rows)} cases within target {_LAYER_TARGETS}")
 
 
@@ -237,7 +259,7 @@ def flops_per_image(spec: ModelSpec, params: TrainParams, data: LabelledImages) 
     Counted in NCHW: the count does not depend on the layout, and FlopCounterMode does not know the
     fused oneDNN convolution the layers take in channels_last on CPU.
     """
-    nchw = dataclasses.replace(params, channels_last=False)
+    nchw = params.model_copy(update={"channels_last": False})
     model = place(FCN(spec), data.images.device, channels_last=False)
     with FlopCounterMode(display=False) as counter:
         train_step(model, make_optimizer(model, nchw), data, torch.arange(1, device=data.images.device), nchw)
@@ -251,11 +273,12 @@ def bench_train(args: argparse.Namespace) -> None:
     """
     params = load_params()
     device = resolve_device(params.device)
+    fused.enable(params.train.fused_conv)
     images = 64 if args.quick else 50 * params.train.batch_size
     scenes = draw_scenes(images, params.generate.size, image_stream(params.seed, 0))
     data = LabelledImages.from_arrays(scenes.images, scenes.labels, device)
-    one_epoch = dataclasses.replace(params.train, epochs=1)
-    spec = ModelSpec.of(params.layer, vars(params.model))
+    one_epoch = params.train.model_copy(update={"epochs": 1})
+    spec = ModelSpec.of(params.layer, params.model.model_dump())
     rates: dict[str, list[float]] = {"stage": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(1 if args.quick else 3):

@@ -1,0 +1,55 @@
+"""Names and paths that the library, the stages and the tools share, each defined once here.
+
+Paths are relative to the project root and are what `dvc.yaml` declares; only stages and tools use
+them, and they hand the library the paths it needs. Nothing here imports torch or DVC.
+"""
+
+from __future__ import annotations
+
+# ---- classes ----
+
+CLASS_NAMES = ("background", "yellow_right", "yellow_left", "red_bottom")
+N_CLASSES = len(CLASS_NAMES)
+BACKGROUND, RIGHT_YELLOW, LEFT_YELLOW, BOTTOM_RED = range(N_CLASSES)
+POSITION_CLASSES = (RIGHT_YELLOW, LEFT_YELLOW, BOTTOM_RED)  # the classes that depend on where a circle is
+
+# ---- layers: the names the factory builds; the pipeline trains every one and compares with BASELINE ----
+
+VANILLA, COORDBIAS, COORDCONV = "vanilla", "coordbias", "coordconv"
+LAYERS = (VANILLA, COORDBIAS, COORDCONV)
+BASELINE = VANILLA
+
+# ---- pipeline outputs ----
+
+SCENES = "data/scenes"
+SPLIT = "data/split.npz"
+DATA_METRICS = "metrics/data.json"
+PREVIEW = "plots/data/preview.png"
+EVALUATE_METRICS = "metrics/evaluate"
+SUMMARY = "metrics/summary.json"
+EVALUATE_PLOTS = "plots/evaluate"
+REPORT = "plots/report.md"
+STUDY = "metrics/study.json"
+BENCH_LAYERS = "metrics/bench_layers.json"
+
+
+def model_path(layer: str) -> str:
+    return f"models/{layer}.pt"
+
+
+def train_dir(layer: str) -> str:
+    """The train stage's DVCLive folder for `layer`."""
+    return f"metrics/train/{layer}"
+
+
+def train_metrics(layer: str) -> str:
+    return f"{train_dir(layer)}/metrics.json"
+
+
+def loss_curve(layer: str, split: str) -> str:
+    """DVCLive's per-step loss of `split` ("train" or "val"), where `log_metric(f"{split}/loss")` puts it."""
+    return f"{train_dir(layer)}/plots/metrics/{split}/loss.tsv"
+
+
+def evaluate_metrics(layer: str) -> str:
+    return f"{EVALUATE_METRICS}/{layer}.json"

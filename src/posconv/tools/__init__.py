@@ -1,0 +1,1 @@
+"""Tools beside the pipeline: the CI gate (check), the study of the open questions, the benchmarks."""
