@@ -34,9 +34,14 @@ def test_generate_and_train_benchmarks_print_their_rates(sh: Callable) -> None:
     generate = sh("python", "-m", "posconv.tools.bench", "generate", "--quick").stdout
     assert float(re.search(r"(\d+) images/s", generate).group(1)) > 0
     train = sh("python", "-m", "posconv.tools.bench", "train", "--quick").stdout
-    rates = re.search(r"stage ([\d.]+) img/s, bare loop ([\d.]+) img/s", train)
+    rates = re.search(r"\): ([\d.]+) img/s, bare loop ([\d.]+) img/s", train)
     stage, bare = (float(rate) for rate in rates.groups())
-    assert stage > 0 and bare > 0 and "TFLOP/s achieved" in train
+    assert stage > 0 and bare > 0
+    for layer in ("vanilla", "coordbias", "coordconv"):  # each layer in both precisions, against the peak
+        line = next(line for line in train.splitlines() if line.strip().startswith(layer))
+        shares = [float(share) for share in re.findall(r"([\d.]+)% of peak", line)]
+        assert len(shares) == 2 and all(0 < share < 100 for share in shares), line
+        assert float(re.search(r"bf16/fp32 = ([\d.]+)x", line).group(1)) > 0
 
 
 def test_flops_per_image_count_every_convolution_whatever_path_the_layers_take() -> None:

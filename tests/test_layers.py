@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 from posconv import fused
 from posconv.layers import LAYER_OPTIONS, CoordBias2d, CoordConv2d, make_conv
+from posconv.position_term import term_map
 from posconv.registry import LAYERS
 
 # PyTorch's note that an even kernel with padding="same" pads a copy of the input: expected here
@@ -295,14 +296,57 @@ def test_half_precision_follows_float32(name: str, dtype: torch.dtype) -> None:
         torch.testing.assert_close(g.float(), e, rtol=0.05, atol=0.05 * e.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
-def test_bfloat16_autocast(name: str) -> None:
-    layer = _randomise(_layer(name, dict(kernel_size=3, padding=1), torch.float32))
+BF16_TOLERANCE = 2e-2  # relative to the largest value: 8 mantissa bits (2^-8 = 0.004) and a few roundings
+
+
+@pytest.mark.parametrize(
+    "memory_format", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"]
+)
+@pytest.mark.parametrize(("h", "w", "kwargs"), GEOMETRIES, ids=IDS)
+@pytest.mark.parametrize("name", LAYERS)
+def test_bfloat16_autocast_follows_float64(
+    h: int, w: int, kwargs: dict[str, Any], name: str, memory_format: torch.memory_format
+) -> None:
+    """Under bfloat16 autocast every layer gives float64's output and gradients within BF16_TOLERANCE of
+    their largest magnitude; the parameters' gradients stay float32 and the memory format is kept."""
+    layer = _randomise(_layer(name, kwargs, with_r=True))
+    expected = _forward_and_grads(layer, _input(h, w), _parameters(layer))
+    layer = layer.to(torch.float32, memory_format=memory_format)
+    x = _input(h, w).to(torch.float32, memory_format=memory_format)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(_input(8, 8, torch.float32))
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+        got = _forward_and_grads(layer, x, _parameters(layer))
+    assert got[0].is_contiguous(memory_format=memory_format)
+    assert all(g.dtype == torch.float32 for g in got[2:])
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(
+            g.double(), e, rtol=BF16_TOLERANCE, atol=BF16_TOLERANCE * e.abs().max().item()
+        )
+
+
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+def test_under_autocast_the_position_term_is_computed_in_float32(name: str) -> None:
+    """With the convolution's weights and bias zero, the output is the position term alone: under
+    bfloat16 autocast it is float64's term rounded once to bfloat16 (within half a bfloat16 ulp), which
+    a term whose maps or product were computed in bfloat16 misses."""
+    layer = _randomise(_layer(name, dict(kernel_size=3, padding=1), torch.float32))
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+    x = _input(16, 16, torch.float32)
+    expected = layer.double()(x.double())
+    layer.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    assert got.dtype == torch.bfloat16 and expected.abs().max() > 0.1
+    half_ulp = torch.ldexp(torch.ones_like(expected), torch.frexp(expected).exponent - 9)  # of bfloat16
+    assert ((got.double() - expected).abs() <= half_ulp * (1 + 1e-6)).all()
+    coarse = term_map(
+        layer.coefficients().bfloat16(),
+        layer.positioned_basis((16, 16), (16, 16), x, torch.bfloat16),
+        16,
+        False,
+    )
+    assert not ((coarse.double() - expected).abs() <= half_ulp * (1 + 1e-6)).all()
 
 
 @pytest.mark.parametrize("name", ["coordbias", "coordconv"])

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT
 
+from posconv.engine import resolve_precision
 from posconv.model import spec_fields
 from posconv.registry import LAYERS
 
@@ -154,6 +156,7 @@ def check_outputs(project: Path, layer: str) -> None:
         train = read(project, f"metrics/train/{model}/metrics.json")
         steps = math.ceil(data["train"]["images"] / 8)
         assert train["steps"] == steps and train["parameters"] > 0
+        assert train["precision"] == resolve_precision("auto", torch.device("cpu"))  # what `auto` ran
         loss_rows = (project / f"metrics/train/{model}/plots/metrics/train/loss.tsv").read_text().splitlines()
         assert len(loss_rows) == steps + 1  # header + one row per step
         result = read(project, f"metrics/evaluate/{model}.json")

@@ -5,12 +5,14 @@ goes to a `TrainLog`.
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -43,9 +45,37 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # bfloat16 dot products in hardware
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them; none where /proc/cpuinfo cannot be read."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    return frozenset(next((line.partition(":")[2].split() for line in lines if line.startswith("flags")), []))
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CPU with avx512_bf16 or AMX (detected, not guessed
+    from the vendor), or a CUDA GPU that supports it without emulation."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and bool(CPU_BF16_FLAGS & cpu_flags())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` becomes `bf16` where the device has native bfloat16, `fp32` elsewhere; others stay."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def autocast(device: torch.device, precision: str) -> torch.autocast | nullcontext:
-    """bfloat16 autocast for `bf16`, and for `auto` on CUDA; plain float32 otherwise."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bfloat16 autocast where `precision` resolves to `bf16`; plain float32 otherwise."""
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -79,7 +109,7 @@ def to_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x if channels_last else x.contiguous()
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -122,7 +152,7 @@ def predict(
     started = time.perf_counter()
     for rows, logits in predict_logits(model, images, batch_size, precision, channels_last):
         predictions[rows] = logits.argmax(1)
-    _synchronize(images.device)
+    synchronize(images.device)
     seconds = time.perf_counter() - started
     return predictions.cpu().numpy(), len(images) / seconds
 
@@ -237,7 +267,7 @@ def train(
                     result.final_train_loss = buffer.flush()
                     bar.set_postfix(loss=f"{result.final_train_loss:.4f}", refresh=False)
                 if validate_now:
-                    _synchronize(device)
+                    synchronize(device)
                     result.train_seconds += time.perf_counter() - clock
                     scores = validate(model, val_data, val_batch_size, params.precision, params.channels_last)
                     result.validations.append((result.steps, scores))

@@ -142,6 +142,6 @@ def conv_plus_term(conv: Any, x: torch.Tensor) -> torch.Tensor:
     """`conv(x)` of a position-aware layer with its term and bias in oneDNN's epilogue."""
     in_size = (x.shape[-2], x.shape[-1])
     out_size = _output_size(conv, in_size)
-    basis = conv.positioned_basis(in_size, out_size, x)
+    basis = conv.positioned_basis(in_size, out_size, x, x.dtype)
     geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
     return _ConvPlusTerm.apply(x, conv.weight, conv.bias, conv.coefficients(), basis, geometry, out_size[0])

@@ -9,9 +9,9 @@ small matrix product of the coordinate parameters with a cached basis (for coord
 channels unfolded under the kernel: conv(coords, coord_weight) at batch size 1 as one GEMM, ~10x
 faster on CPU than a convolution with 2 input channels). Its gradient is one sum over the batch.
 
-One forward path: `nn.Conv2d`'s output, then the term added in place (conv backward does not need its
-output, so this saves an allocation and a pass). `posconv.fused` is an opt-in backend that moves the
-add into oneDNN's convolution on CPU (DESIGN.md §4).
+One forward path: `nn.Conv2d`'s output, then the term added in place (`posconv.position_term`; under
+bfloat16 autocast the maps and the term are computed in float32). `posconv.fused` is an opt-in
+backend that moves the add into oneDNN's convolution on CPU (DESIGN.md §4).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 from posconv import fused
 from posconv.coords import check_convention, input_patches, output_grid, positioned
-from posconv.position_term import AddPositionTerm, is_channels_last, term_map
+from posconv.position_term import add_position_term
 from posconv.registry import COORDBIAS, COORDCONV, LAYERS, VANILLA
 
 
@@ -52,17 +52,16 @@ class _PositionAware(nn.Conv2d):
         if fused.applies(self, x):
             return fused.conv_plus_term(self, x)
         y = self._conv_forward(x, self.weight, self.bias)
-        basis = self.positioned_basis((x.shape[-2], x.shape[-1]), (y.shape[-2], y.shape[-1]), y)
-        coefficients = self.coefficients().to(y.dtype)
-        if torch.compiler.is_compiling():  # Dynamo cannot trace mark_dirty; Inductor fuses the add itself
-            return y.add_(term_map(coefficients, basis, y.shape[-2], is_channels_last(y)))
-        return AddPositionTerm.apply(y, coefficients, basis)
+        coefficients = self.coefficients()
+        dtype = torch.promote_types(y.dtype, coefficients.dtype)  # autocast's bfloat16 y: the term in fp32
+        basis = self.positioned_basis((x.shape[-2], x.shape[-1]), (y.shape[-2], y.shape[-1]), y, dtype)
+        return add_position_term(y, coefficients.to(dtype), basis)
 
     def positioned_basis(
-        self, in_size: tuple[int, int], out_size: tuple[int, int], like: torch.Tensor
+        self, in_size: tuple[int, int], out_size: tuple[int, int], like: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor:
-        """The basis under the layer's coordinate convention, on `like`'s device and dtype."""
-        return positioned(self.basis(in_size, out_size, like.device, like.dtype), self.coords)
+        """The basis under the layer's coordinate convention, on `like`'s device, in `dtype`."""
+        return positioned(self.basis(in_size, out_size, like.device, dtype), self.coords)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, coords={self.coords}"

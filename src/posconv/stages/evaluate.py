@@ -25,6 +25,7 @@ from posconv.metrics import circle_votes, score
 from posconv.model import load_model
 
 logger = logging.getLogger(__name__)
+SCORING_PRECISION = "fp32"  # whatever precision trained the model, its test scores are exact
 
 
 def score_npz(model_path: str, data_path: str, device_name: str, batch_size: int) -> dict:
@@ -32,7 +33,7 @@ def score_npz(model_path: str, data_path: str, device_name: str, batch_size: int
     device = resolve_device(device_name)
     model = load_model(model_path, device)
     data = LabelledImages.from_arrays(images, labels, device)
-    predictions, images_per_s = predict(model, data.images, batch_size, "auto", False)
+    predictions, images_per_s = predict(model, data.images, batch_size, SCORING_PRECISION, False)
     return score(labels, predictions, images) | {"inference_images_per_s": images_per_s}
 
 
@@ -47,7 +48,7 @@ def evaluate_pipeline() -> None:
     for layer in registry.LAYERS:
         model = place(load_model(registry.model_path(layer)), device, params.train.channels_last)
         predicted, images_per_s = predict(
-            model, test.images, params.evaluate.batch_size, params.train.precision, params.train.channels_last
+            model, test.images, params.evaluate.batch_size, SCORING_PRECISION, params.train.channels_last
         )
         results[layer] = score(
             labels, predicted, images, owners, scenes.circles, test_ids, params.evaluate.position_bins

@@ -19,7 +19,15 @@ from posconv import fused, registry
 from posconv.cli import run
 from posconv.config import load_params
 from posconv.data import load_scenes, load_split
-from posconv.engine import LabelledImages, TrainResult, peak_memory_mb, place, resolve_device, train
+from posconv.engine import (
+    LabelledImages,
+    TrainResult,
+    peak_memory_mb,
+    place,
+    resolve_device,
+    resolve_precision,
+    train,
+)
 from posconv.io import atomic_outputs
 from posconv.model import FCN, ModelSpec, count_parameters, save_model
 
@@ -54,7 +62,7 @@ def steps_to_target(
     return next(reached, None)
 
 
-def summary(result: TrainResult, model: FCN, started: float, device: torch.device) -> dict:
+def summary(result: TrainResult, model: FCN, started: float, device: torch.device, precision: str) -> dict:
     """The run's numbers for DVCLive's metrics.json (what `dvc exp show` lists)."""
     vanilla = FCN(ModelSpec.of(registry.BASELINE, vars(model.spec)))
     return {
@@ -66,6 +74,7 @@ def summary(result: TrainResult, model: FCN, started: float, device: torch.devic
         "extra_parameters": count_parameters(model) - count_parameters(vanilla),
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device),
+        "precision": precision,
     }
 
 
@@ -76,6 +85,9 @@ def main(argv: list[str]) -> None:
     params = load_params()
     device = resolve_device(params.device)
     fused.enable(params.train.fused_conv)
+    settings = params.train.model_copy(
+        update={"precision": resolve_precision(params.train.precision, device)}
+    )
     scenes, split = load_scenes(registry.SCENES), load_split(registry.SPLIT)
     train_data, val_data = (
         LabelledImages.from_arrays(scenes.images[split[name]], scenes.labels[split[name]], device)
@@ -86,18 +98,19 @@ def main(argv: list[str]) -> None:
     started = time.perf_counter()
     with atomic_outputs(registry.model_path(layer), registry.train_dir(layer)) as (model_path, live_dir):
         with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
-            log, every = LiveLog(live), params.train.val_every
-            result = train(model, train_data, val_data, params.train, log, every, params.train.batch_size)
-            live.summary.update(summary(result, model, started, device))
+            log, every = LiveLog(live), settings.val_every
+            result = train(model, train_data, val_data, settings, log, every, settings.batch_size)
+            live.summary.update(summary(result, model, started, device, settings.precision))
         save_model(model, model_path)
     logger.info(
-        "%s: %d steps, train loss %.4f, val mIoU %.3f, %.0f img/s on %s",
+        "%s: %d steps, train loss %.4f, val mIoU %.3f, %.0f img/s on %s in %s",
         layer,
         result.steps,
         result.final_train_loss,
         result.validations[-1][1]["miou"],
         result.images_per_second,
         device,
+        settings.precision,
     )
 
 

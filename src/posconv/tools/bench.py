@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import platform
 import shutil
@@ -34,6 +35,8 @@ from posconv.engine import (
     make_optimizer,
     place,
     resolve_device,
+    resolve_precision,
+    synchronize,
     to_input,
     train,
     train_step,
@@ -266,32 +269,66 @@ def flops_per_image(spec: ModelSpec, params: TrainParams, data: LabelledImages) 
     return counter.get_total_flops()
 
 
-def bench_train(args: argparse.Namespace) -> None:
-    """Train-stage throughput against a bare loop over random tensors, interleaved in one run.
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-    Uses params.yaml's model and train settings and the stage's data pipeline on freshly drawn scenes.
-    """
+
+def peak_flops(device: torch.device, dtype: torch.dtype, quick: bool) -> float:
+    """The machine's own peak in `dtype`: FLOP/s of a large square matmul, the best of a few."""
+    n = 256 if quick else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = math.inf
+    for _ in range(3 if quick else 8):
+        synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best
+
+
+def bench_train(args: argparse.Namespace) -> None:
+    """Training throughput per layer in fp32 and bf16 against the machine's peak, and the stage's own
+    loop against a bare loop, all interleaved in one run on params.yaml's model and train settings."""
     params = load_params()
     device = resolve_device(params.device)
     fused.enable(params.train.fused_conv)
-    images = 64 if args.quick else 50 * params.train.batch_size
+    images = 32 if args.quick else 25 * params.train.batch_size
     scenes = draw_scenes(images, params.generate.size, image_stream(params.seed, 0))
     data = LabelledImages.from_arrays(scenes.images, scenes.labels, device)
     one_epoch = params.train.model_copy(update={"epochs": 1})
-    spec = ModelSpec.of(params.layer, params.model.model_dump())
-    rates: dict[str, list[float]] = {"stage": [], "bare": []}
+    steps = len(data) // params.train.batch_size
+    specs = {layer: ModelSpec.of(layer, params.model.model_dump()) for layer in LAYERS}
+    runs = [(layer, precision) for layer in LAYERS for precision in _PRECISIONS]
+    rates: dict[tuple[str, str], list[float]] = {run: [] for run in runs} | {("stage", ""): []}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(1 if args.quick else 3):
-            model = place(FCN(spec), device, params.train.channels_last)
-            rates["bare"].append(_bare_loop(model, one_epoch, data, len(data) // params.train.batch_size))
-            rates["stage"].append(_stage_loop(model, one_epoch, data, Path(tmp) / str(repeat)))
-    stage, bare = (statistics.median(rates[k]) for k in ("stage", "bare"))
-    flops = flops_per_image(spec, one_epoch, data)
+            for layer, precision in runs:  # a fresh model each time: every run starts from the same state
+                model = place(FCN(specs[layer]), device, params.train.channels_last)
+                settings = one_epoch.model_copy(update={"precision": precision})
+                rates[layer, precision].append(_bare_loop(model, settings, data, steps))
+            model = place(FCN(specs[params.layer]), device, params.train.channels_last)
+            rates["stage", ""].append(_stage_loop(model, one_epoch, data, Path(tmp) / str(repeat)))
+    rate = {run: statistics.median(values) for run, values in rates.items()}
+    peaks = {precision: peak_flops(device, dtype, args.quick) for precision, dtype in _PRECISIONS.items()}
     print(
-        f"train {spec.layer}, width {spec.width}, {params.generate.size} px, "
-        f"batch {params.train.batch_size}, {device}: stage {stage:.1f} img/s, bare loop {bare:.1f} img/s, "
-        f"stage/bare = {stage / bare:.3f} (target >= 0.90); "
-        f"{flops / 1e9:.2f} GFLOP per image, {stage * flops / 1e12:.3f} TFLOP/s achieved"
+        f"train, width {params.model.width}, {params.generate.size} px, batch {params.train.batch_size}, "
+        f"{device} ({_cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}); "
+        f"peak (matmul): fp32 {peaks['fp32'] / 1e12:.3f}, bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s"
+    )
+    for layer in LAYERS:
+        flops = flops_per_image(specs[layer], one_epoch, data)
+        cells = [
+            f"{precision} {rate[layer, precision]:.1f} img/s, "
+            f"{100 * rate[layer, precision] * flops / peaks[precision]:.1f}% of peak"
+            for precision in _PRECISIONS
+        ]
+        ratio = rate[layer, "bf16"] / rate[layer, "fp32"]
+        print(f"  {layer:<10} {flops / 1e9:.2f} GFLOP/image; {'; '.join(cells)}; bf16/fp32 = {ratio:.2f}x")
+    default = resolve_precision(params.train.precision, device)
+    stage, bare = rate["stage", ""], rate[params.layer, default]
+    print(
+        f"  stage loop ({params.layer}, {default}): {stage:.1f} img/s, bare loop {bare:.1f} img/s, "
+        f"stage/bare = {stage / bare:.3f} (target >= 0.90)"
     )
 
 

@@ -44,15 +44,15 @@ def run_grid(scale: dict) -> dict:
     return {"wall_s": time.perf_counter() - started, "cpu_s": children.ru_utime + children.ru_stime}
 
 
-def experiment_revisions(shown: list[dict]) -> dict[str, str]:
-    """Git revision of each finished study experiment in `dvc exp show --json --all-commits` output;
-    the newest run where a name ran more than once (on another commit, say)."""
+def experiment_revisions(shown: list[dict], prefix: str = "study-") -> dict[str, str]:
+    """Git revision of each finished experiment named `prefix...` in `dvc exp show --json --all-commits`
+    output; the newest run where a name ran more than once (on another commit, say)."""
     finished = sorted(
         (revision["data"]["timestamp"], revision["name"], revision["rev"])
         for commit in shown
         for experiment in commit.get("experiments") or []
         for revision in experiment["revs"]
-        if (revision.get("name") or "").startswith("study-")
+        if (revision.get("name") or "").startswith(prefix)
         and (revision.get("data") or {}).get("timestamp")
         and not experiment.get("executor")
     )
@@ -65,6 +65,12 @@ def read_metrics(revision: str) -> dict[str, dict]:
     return {path: json.loads(_git_show(f"{revision}:{path}")) for path in paths}
 
 
+def show_all() -> list[dict]:
+    """`dvc exp show --json --all-commits`: every experiment of every commit."""
+    command = ["dvc", "exp", "show", "--json", "--all-commits"]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
 def _git_show(spec: str) -> str:
     return subprocess.run(["git", "show", spec], check=True, capture_output=True, text=True).stdout
 
@@ -73,12 +79,7 @@ def collect(cost: dict | None) -> None:
     """Write the study file; `cost` None (collect only) keeps the cost the last full run measured."""
     if cost is None and Path(STUDY).exists():
         cost = read_json(STUDY)["cost"]
-    shown = json.loads(
-        subprocess.run(
-            ["dvc", "exp", "show", "--json", "--all-commits"], check=True, capture_output=True, text=True
-        ).stdout
-    )
-    results = aggregate({name: read_metrics(rev) for name, rev in experiment_revisions(shown).items()})
+    results = aggregate({name: read_metrics(rev) for name, rev in experiment_revisions(show_all()).items()})
     write_json(STUDY, {"seeds": list(SEEDS), "scale": SCALE, "variants": VARIANTS, "cost": cost,
                        "results": results, "comparisons": compare(results)})  # fmt: skip
     logger.info("wrote %s: %d variants x %d seeds", STUDY, len(VARIANTS), len(SEEDS))

@@ -1,0 +1,88 @@
+"""Does bfloat16 training change the science? Each layer trained in fp32 and in bf16 over 3 seeds at
+params.yaml's settings, as DVC experiments; bf16 holds when its test position recall and mIoU lie
+within fp32's min-max over the seeds.
+
+`python -m posconv.tools.precision run` runs the 6 experiments (`dvc exp run --temp`, up to evaluate),
+then collects; `collect` only re-reads them into `metrics/precision.json` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+
+from posconv.cli import run
+from posconv.compare import QUANTITIES
+from posconv.io import write_json
+from posconv.registry import LAYERS, evaluate_metrics, train_metrics
+from posconv.tools.study import experiment_revisions, read_metrics, show_all
+
+logger = logging.getLogger(__name__)
+RESULTS = "metrics/precision.json"
+PRECISIONS = ("fp32", "bf16")
+SEEDS = (0, 1, 2)  # training seeds; the data set is params.yaml's
+CHECKED = ("position_recall", "miou")
+
+
+def name(precision: str, seed: int) -> str:
+    return f"precision-{precision}-s{seed}"
+
+
+def run_grid() -> None:
+    for precision in PRECISIONS:
+        for seed in SEEDS:
+            logger.info("precision: %s", name(precision, seed))
+            command = ["dvc", "exp", "run", "--temp", "-n", name(precision, seed)]
+            command += ["-S", f"train.precision={precision}", "-S", f"train.seed={seed}", "evaluate"]
+            subprocess.run(command, check=True, capture_output=True)
+
+
+def collect() -> dict:
+    """Per layer and precision: the checked quantities per seed, and whether bf16 lies in fp32's range."""
+    revisions = experiment_revisions(show_all(), prefix="precision-")
+    runs = {key: read_metrics(revisions[name(*key)]) for key in ((p, s) for p in PRECISIONS for s in SEEDS)}
+    results: dict = {}
+    for layer in LAYERS:
+        files = {key: (run[evaluate_metrics(layer)], run[train_metrics(layer)]) for key, run in runs.items()}
+        values = {
+            quantity: {p: [QUANTITIES[quantity](*files[p, seed]) for seed in SEEDS] for p in PRECISIONS}
+            for quantity in CHECKED
+        }
+        throughput = {p: [files[p, seed][1]["train_images_per_s"] for seed in SEEDS] for p in PRECISIONS}
+        holds = all(
+            min(v["fp32"]) <= x <= max(v["fp32"]) for v in values.values() for x in v["bf16"]
+        )  # every bf16 seed inside fp32's range
+        results[layer] = {"values": values, "train_images_per_s": throughput, "bf16_within_fp32_range": holds}
+    return {"seeds": list(SEEDS), "results": results}
+
+
+def table(results: dict) -> str:
+    header = (
+        "| layer | precision | position recall: seeds | mIoU: seeds | train img/s | bf16 within fp32 range |"
+    )
+    lines = [header, "|---|---|---|---|---|---|"]
+    for layer, result in results["results"].items():
+        for precision in PRECISIONS:
+            cells = [
+                ", ".join(f"{value:.4f}" for value in result["values"][quantity][precision])
+                for quantity in CHECKED
+            ]
+            speed = sum(result["train_images_per_s"][precision]) / len(SEEDS)
+            holds = ("yes" if result["bf16_within_fp32_range"] else "**no**") if precision == "bf16" else ""
+            lines.append(f"| `{layer}` | {precision} | {cells[0]} | {cells[1]} | {speed:.1f} | {holds} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m posconv.tools.precision", description=__doc__)
+    parser.add_argument("step", choices=["run", "collect"])
+    if parser.parse_args(argv).step == "run":
+        run_grid()
+    results = collect()
+    write_json(RESULTS, results)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    run(main)
