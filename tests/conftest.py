@@ -68,3 +68,33 @@ def sh(project: Path) -> Callable[..., subprocess.CompletedProcess]:
 
     run.env = env
     return run
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """The committed project (code, params, locks and results; no data or models) in a fresh git repo."""
+    names = (
+        "src",
+        ".dvc",
+        "dvc.yaml",
+        "dvc.lock",
+        "study",
+        "params.yaml",
+        ".dvcignore",
+        ".gitignore",
+        "metrics",
+    )
+    for name in names:
+        source = ROOT / name
+        if source.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "tmp", "cache")
+            shutil.copytree(source, tmp_path / name, ignore=ignore)
+        else:
+            shutil.copy(source, tmp_path / name)
+    for command in (
+        ["init", "-q"],
+        ["add", "-A"],
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"],
+    ):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True)
+    return tmp_path

@@ -156,7 +156,8 @@ def check_outputs(project: Path, layer: str) -> None:
         train = read(project, f"metrics/train/{model}/metrics.json")
         steps = math.ceil(data["train"]["images"] / 8)
         assert train["steps"] == steps and train["parameters"] > 0
-        assert train["precision"] == resolve_precision("auto", torch.device("cpu"))  # what `auto` ran
+        asked = yaml.safe_load((project / "params.yaml").read_text())["train"]["precision"]
+        assert train["precision"] == resolve_precision(asked, torch.device("cpu"))  # what ran
         loss_rows = (project / f"metrics/train/{model}/plots/metrics/train/loss.tsv").read_text().splitlines()
         assert len(loss_rows) == steps + 1  # header + one row per step
         result = read(project, f"metrics/evaluate/{model}.json")

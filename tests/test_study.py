@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
 from posconv.errors import BadInput
 from posconv.grid import SCALE, SEEDS, VARIANTS, aggregate, check_study, compare, spread
@@ -111,36 +109,6 @@ def test_a_study_file_of_another_format_is_refused_in_one_line() -> None:
     for bad in (older, [], {"comparisons": "none"}):
         with pytest.raises(BadInput, match=r"study\.json: not a study in this version's format"):
             check_study(bad, "study.json")
-
-
-@pytest.fixture
-def checkout(tmp_path: Path) -> Path:
-    """The committed project (code, params, locks and results; no data or models) in a fresh git repo."""
-    names = (
-        "src",
-        ".dvc",
-        "dvc.yaml",
-        "dvc.lock",
-        "study",
-        "params.yaml",
-        ".dvcignore",
-        ".gitignore",
-        "metrics",
-    )
-    for name in names:
-        source = ROOT / name
-        if source.is_dir():
-            ignore = shutil.ignore_patterns("__pycache__", "tmp", "cache")
-            shutil.copytree(source, tmp_path / name, ignore=ignore)
-        else:
-            shutil.copy(source, tmp_path / name)
-    for command in (
-        ["init", "-q"],
-        ["add", "-A"],
-        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"],
-    ):
-        subprocess.run(["git", *command], cwd=tmp_path, check=True)
-    return tmp_path
 
 
 def changed_stages(checkout: Path) -> set[str]:

@@ -18,10 +18,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from posconv.errors import BadInput
-from posconv.registry import BASELINE, LAYERS
+from posconv.registry import BASELINE, DEVICE_PATTERN, INT64_MAX, LAYERS
 
-INT64_MAX = 2**63 - 1
-DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 StudiedLayer = Literal[tuple(layer for layer in LAYERS if layer != BASELINE)]  # type: ignore[valid-type]
 
 Count = Annotated[int, Field(ge=1, le=INT64_MAX)]

@@ -85,9 +85,17 @@ def _load_uint8(path: Path, spec: tuple[int | str, ...], dims: dict[str, int], m
     return array if mmap else np.array(array)
 
 
+def _check_classes(labels: np.ndarray, where: str) -> np.ndarray:
+    """Refuse a label outside the classes, which would otherwise fail deep inside a loss or a count."""
+    if labels.size and (high := int(labels.max())) >= N_CLASSES:
+        raise BadInput(f"{where}: labels hold {high}, expected classes 0..{N_CLASSES - 1}")
+    return labels
+
+
 def load_labels(directory: str | Path, mmap: bool = True) -> np.ndarray:
     """Only the label maps (N, S, S): what the split needs, without touching the images."""
-    return _load_uint8(Path(directory) / LABELS, ("N", "S", "S"), {}, mmap)
+    path = Path(directory) / LABELS
+    return _check_classes(_load_uint8(path, ("N", "S", "S"), {}, mmap), str(path))
 
 
 def _load_circles(path: Path, images: int) -> pd.DataFrame:
@@ -110,7 +118,9 @@ def load_scenes(directory: str | Path, mmap: bool = True) -> Scenes:
     directory = Path(directory)
     dims: dict[str, int] = {}
     images = _load_uint8(directory / IMAGES, ("N", "S", "S", 3), dims, mmap)
-    labels = _load_uint8(directory / LABELS, ("N", "S", "S"), dims, mmap)
+    labels = _check_classes(
+        _load_uint8(directory / LABELS, ("N", "S", "S"), dims, mmap), str(directory / LABELS)
+    )
     owners = _load_uint8(directory / OWNERS, ("N", "S", "S"), dims, mmap)
     return Scenes(images, labels, owners, _load_circles(directory / CIRCLE_TABLE, len(images)))
 
@@ -170,11 +180,18 @@ def _read_npz(path: str | Path, names: tuple[str, ...], missing_hint: str) -> di
     return arrays
 
 
-def load_split(path: str | Path) -> dict[str, np.ndarray]:
-    """The index arrays `train`, `val`, `test` (sorted int64) that the split stage wrote."""
+def load_split(path: str | Path, images: int | None = None) -> dict[str, np.ndarray]:
+    """The index arrays `train`, `val`, `test` (sorted int64) that the split stage wrote; with
+    `images`, every index must name one of them (a negative index would silently count from the end)."""
     split = _read_npz(path, SPLITS, "run the split stage first")
     if any(a.dtype != np.int64 or a.ndim != 1 for a in split.values()):
         raise BadInput(f"{path}: expected 1-D int64 arrays {', '.join(SPLITS)}")
+    limit = np.iinfo(np.int64).max if images is None else images
+    for name, indices in split.items():
+        if (outside := indices[(indices < 0) | (indices >= limit)]).size:
+            raise BadInput(
+                f"{path}: {name} holds index {outside[0]}, expected 0..{limit - 1} (run split again)"
+            )
     return split
 
 
@@ -184,6 +201,4 @@ def load_labelled_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     dims: dict[str, int] = {}
     _check_uint8(arrays["images"], f"{path}: images", ("N", "H", "W", 3), dims)
     _check_uint8(arrays["labels"], f"{path}: labels", ("N", "H", "W"), dims)
-    if arrays["labels"].size and arrays["labels"].max() >= N_CLASSES:
-        raise BadInput(f"{path}: labels hold {arrays['labels'].max()}, expected classes 0..{N_CLASSES - 1}")
-    return arrays["images"], arrays["labels"]
+    return arrays["images"], _check_classes(arrays["labels"], str(path))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import resource
 import time
 from collections.abc import Iterator
@@ -23,13 +24,15 @@ from tqdm import tqdm
 from posconv.config import TrainParams
 from posconv.errors import BadInput
 from posconv.metrics import class_scores, position_recall
-from posconv.registry import N_CLASSES
+from posconv.registry import DEVICE_PATTERN, N_CLASSES
 
 FLUSH_EVERY = 25  # steps between host syncs for logging and the finite-loss check
 
 
 def resolve_device(name: str) -> torch.device:
     """`auto` takes CUDA, then MPS, then the CPU; a named device that is absent is a bad param."""
+    if not re.fullmatch(DEVICE_PATTERN, name):
+        raise BadInput(f"device = {name!r}: expected auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

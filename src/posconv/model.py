@@ -7,6 +7,7 @@ The model picks a layer *name* per convolution and never looks at the layer's ty
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,13 +106,17 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def save_model(model: FCN, path: str | Path) -> None:
-    """Save the state dict with the spec that built it, atomically."""
+    """Save the state dict with the spec that built it, atomically. Saved through a buffer, so the
+    archive's inner folder is "archive" rather than the (temporary) file's name: same weights, same bytes."""
+    buffer = io.BytesIO()
+    torch.save({"spec": asdict(model.spec), "state_dict": model.state_dict()}, buffer)
     with atomic_outputs(path) as (temp,):
-        torch.save({"spec": asdict(model.spec), "state_dict": model.state_dict()}, temp)
+        temp.write_bytes(buffer.getvalue())
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> FCN:
-    """Rebuild a saved model; `weights_only=True` so a model file cannot run code."""
+def load_model(path: str | Path, device: torch.device | str = "cpu", layer: str | None = None) -> FCN:
+    """Rebuild a saved model; `weights_only=True` so a model file cannot run code. With `layer`, a model
+    of another layer is refused."""
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
         model = FCN(ModelSpec(**saved["spec"]))
@@ -121,4 +126,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> FCN:
     except Exception as error:  # a corrupt or foreign file can fail in many ways inside torch
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise BadInput(f"{path}: not a posconv model file ({type(error).__name__}: {first_line})") from None
+    if layer is not None and model.spec.layer != layer:
+        raise BadInput(f"{path}: holds a {model.spec.layer!r} model, expected {layer!r}")
     return model.to(device)

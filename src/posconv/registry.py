@@ -6,6 +6,9 @@ them, and they hand the library the paths it needs. Nothing here imports torch o
 
 from __future__ import annotations
 
+INT64_MAX = 2**63 - 1  # the largest count or seed a param or flag may hold
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"  # the device names params and flags accept
+
 # ---- classes ----
 
 CLASS_NAMES = ("background", "yellow_right", "yellow_left", "red_bottom")

@@ -9,13 +9,12 @@ metrics as JSON for an `.npz` holding `images uint8 (N, H, W, 3)` and `labels ui
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
 
 from posconv import figures, fused, registry
-from posconv.cli import run
+from posconv.cli import device_name, parser, positive_int, run
 from posconv.compare import headline
 from posconv.config import load_params
 from posconv.data import load_labelled_npz, load_scenes, load_split
@@ -41,12 +40,13 @@ def evaluate_pipeline() -> None:
     params = load_params()
     device = resolve_device(params.device)
     fused.enable(params.train.fused_conv)
-    scenes, test_ids = load_scenes(registry.SCENES), load_split(registry.SPLIT)["test"]
+    scenes = load_scenes(registry.SCENES)
+    test_ids = load_split(registry.SPLIT, len(scenes.images))["test"]
     images, labels, owners = scenes.images[test_ids], scenes.labels[test_ids], scenes.owners[test_ids]
     test = LabelledImages.from_arrays(images, labels, device)
     results, votes, predictions = {}, {}, {}
     for layer in registry.LAYERS:
-        model = place(load_model(registry.model_path(layer)), device, params.train.channels_last)
+        model = place(load_model(registry.model_path(layer), layer=layer), device, params.train.channels_last)
         predicted, images_per_s = predict(
             model, test.images, params.evaluate.batch_size, SCORING_PRECISION, params.train.channels_last
         )
@@ -85,14 +85,16 @@ def evaluate_pipeline() -> None:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m posconv.stages.evaluate", description=__doc__)
-    parser.add_argument("--model", help="a saved model (.pt); with --data, print its metrics as JSON")
-    parser.add_argument("--data", help="an .npz with images uint8 (N,H,W,3) and labels uint8 (N,H,W)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args(argv)
+    arguments = parser(__name__, __doc__)
+    arguments.add_argument("--model", help="a saved model (.pt); with --data, print its metrics as JSON")
+    arguments.add_argument("--data", help="an .npz with images uint8 (N,H,W,3) and labels uint8 (N,H,W)")
+    arguments.add_argument(
+        "--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N | mps"
+    )
+    arguments.add_argument("--batch-size", type=positive_int, default=32)
+    args = arguments.parse_args(argv)
     if (args.model is None) != (args.data is None):
-        parser.error("--model and --data go together")
+        arguments.error("--model and --data go together")
     if args.model:
         print(json.dumps(score_npz(args.model, args.data, args.device, args.batch_size), indent=2))
     else:

@@ -5,12 +5,11 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 
 from posconv import registry
-from posconv.cli import run
+from posconv.cli import parser, run
 from posconv.config import load_params
 from posconv.data import load_scenes, write_scenes
 from posconv.io import atomic_outputs
@@ -21,7 +20,7 @@ PREVIEW_IMAGES = 6
 
 
 def main(argv: list[str]) -> None:
-    argparse.ArgumentParser(prog="python -m posconv.stages.generate", description=__doc__).parse_args(argv)
+    parser(__name__, __doc__).parse_args(argv)
     params = load_params()
     size, count = params.generate.size, params.generate.images
     started = time.perf_counter()

@@ -4,11 +4,10 @@ the layer benchmark (both made by `study/dvc.yaml`)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from posconv import registry
-from posconv.cli import run
+from posconv.cli import parser, run
 from posconv.config import load_params
 from posconv.grid import check_study
 from posconv.io import atomic_outputs, read_json
@@ -18,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str]) -> None:
-    argparse.ArgumentParser(prog="python -m posconv.stages.report", description=__doc__).parse_args(argv)
+    parser(__name__, __doc__).parse_args(argv)
     params = load_params()
     summary = read_json(registry.SUMMARY)
     evaluation = {m: read_json(registry.evaluate_metrics(m)) for m in registry.LAYERS}

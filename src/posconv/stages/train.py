@@ -7,7 +7,6 @@ and renamed into place together at the end, so a failed or killed run leaves the
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -16,7 +15,7 @@ import torch
 from dvclive import Live
 
 from posconv import fused, registry
-from posconv.cli import run
+from posconv.cli import parser, run
 from posconv.config import load_params
 from posconv.data import load_scenes, load_split
 from posconv.engine import (
@@ -79,16 +78,17 @@ def summary(result: TrainResult, model: FCN, started: float, device: torch.devic
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m posconv.stages.train", description=__doc__)
-    parser.add_argument("layer", choices=registry.LAYERS)
-    layer = parser.parse_args(argv).layer
+    arguments = parser(__name__, __doc__)
+    arguments.add_argument("layer", choices=registry.LAYERS)
+    layer = arguments.parse_args(argv).layer
     params = load_params()
     device = resolve_device(params.device)
     fused.enable(params.train.fused_conv)
     settings = params.train.model_copy(
         update={"precision": resolve_precision(params.train.precision, device)}
     )
-    scenes, split = load_scenes(registry.SCENES), load_split(registry.SPLIT)
+    scenes = load_scenes(registry.SCENES)
+    split = load_split(registry.SPLIT, len(scenes.images))
     train_data, val_data = (
         LabelledImages.from_arrays(scenes.images[split[name]], scenes.labels[split[name]], device)
         for name in ("train", "val")

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from posconv import fused
-from posconv.cli import run
+from posconv.cli import parser, run
 from posconv.config import TrainParams, load_params
 from posconv.data import write_scenes
 from posconv.engine import (
@@ -336,10 +336,10 @@ BENCHMARKS = {"layers": bench_layers, "generate": bench_generate, "train": bench
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m posconv.bench", description=__doc__)
-    parser.add_argument("which", choices=BENCHMARKS)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    args, _ = parser.parse_known_args(argv)
+    arguments = parser(__name__, __doc__)
+    arguments.add_argument("which", choices=BENCHMARKS)
+    arguments.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    args = arguments.parse_args(argv)
     BENCHMARKS[args.which](args)
 
 

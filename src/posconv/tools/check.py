@@ -1,27 +1,39 @@
 """The CI gate: committed metrics must exist, match the committed code and params, and pass thresholds.
 
-`python -m posconv.tools.check` exits 1 on any failure. Stale means `dvc status` finds a stage whose params,
-code or git-tracked outputs differ from `dvc.lock`; cached data and models are absent from a fresh
-clone and are not held against it. It also prints `dvc metrics diff --md` against the previous commit.
+`python -m posconv.tools.check` exits 0 when the results are fresh and meet the thresholds, 1 when
+they are missing, stale or below them (a FAIL line for each), 2 when its own inputs are malformed.
+Stale means `dvc status` finds a stage whose params, code or git-tracked outputs differ from its lock
+(`dvc.lock`, `study/dvc.lock`); cached data and models are absent from a fresh clone and are not held
+against it. It also prints `dvc metrics diff --md` against the previous commit.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+from dvc.exceptions import DvcException
 from dvc.repo import Repo
 
-from posconv.cli import run
-from posconv.config import load_params, read_yaml
+from posconv.cli import parser, run
+from posconv.config import Params, load_params, read_yaml
 from posconv.errors import BadInput
 from posconv.io import read_json
 from posconv.registry import SUMMARY
 
 ABSENT = {"deleted", "not in cache"}  # how `dvc status` reports a cached file this checkout lacks
+
+
+def _changes(kind: str, paths: object) -> Iterator[tuple[str, str]]:
+    """(path, what changed) of one `dvc status` entry; a params file's entry names each changed key."""
+    for path, status in paths.items() if isinstance(paths, dict) else []:
+        if isinstance(status, dict):  # params.yaml: {key: "modified" | "new" | "deleted"}
+            yield from ((f"{path} {key}", str(change)) for key, change in status.items())
+        else:
+            yield path, str(status)
 
 
 def stale_stages(repo: Repo) -> list[str]:
@@ -34,7 +46,7 @@ def stale_stages(repo: Repo) -> list[str]:
                 problems.append(f"{stage}: {change}")
                 continue
             for kind, paths in change.items():
-                for path, status in paths.items() if isinstance(paths, dict) else []:
+                for path, status in _changes(kind, paths):
                     missing_cached = status in ABSENT and any(
                         path == c or path.startswith(c + "/") for c in cached
                     )
@@ -69,27 +81,45 @@ def metrics_diff() -> str:
     return diff.stdout.strip() or diff.stderr.strip() or "(no metric changed since the previous commit)"
 
 
-def main(argv: list[str]) -> None:
-    argparse.ArgumentParser(prog="python -m posconv.tools.check", description=__doc__).parse_args(argv)
-    params = load_params()
-    declared = (read_yaml("dvc.yaml") or {}).get("metrics", [])
+def judge(params: Params) -> list[str]:
+    """Every reason the committed results fail: missing, stale, about another layer, below thresholds.
+    Malformed inputs (a summary that is not the headline's shape, an unreadable DVC project) raise."""
+    dvc_yaml = read_yaml("dvc.yaml")
+    declared = dvc_yaml.get("metrics", []) if isinstance(dvc_yaml, dict) else []
     problems = [f"{path}: committed metrics file missing" for path in declared if not Path(path).is_file()]
-    with Repo(".") as repo:
-        problems += stale_stages(repo)
+    try:
+        with Repo(".") as repo:
+            problems += stale_stages(repo)
+    except DvcException as error:  # not a DVC project, an unreadable dvc.yaml or lock, ...
+        raise BadInput(f"dvc status: {' '.join(str(error).split())}") from None
+    if not Path(SUMMARY).is_file():
+        return [*problems, f"{SUMMARY}: missing (run dvc repro)"]
     summary = read_json(SUMMARY)
-    layer = summary.get("layer") if isinstance(summary, dict) else None
+    if not isinstance(summary, dict):
+        raise BadInput(f"{SUMMARY}: expected a JSON object (the headline), found {type(summary).__name__}")
+    if summary.get("layer") != params.layer:
+        return [
+            *problems,
+            f"{SUMMARY} is about {summary.get('layer')!r}, params.yaml has layer {params.layer!r}",
+        ]
     minimums = {"miou": params.check.min_miou, "position_recall": params.check.min_position_recall}
-    if layer != params.layer:
-        problems.append(f"{SUMMARY} is about {layer!r}, params.yaml has layer {params.layer!r}")
-    else:
-        problems += threshold_failures(summary, layer, minimums)
+    return problems + threshold_failures(summary, params.layer, minimums)
+
+
+def main(argv: list[str]) -> None:
+    parser(__name__, __doc__).parse_args(argv)
+    params = load_params()
+    problems = judge(params)
     print(metrics_diff())
     for problem in problems:
         print(f"FAIL {problem}")
     if problems:
         sys.exit(1)
-    passed = ", ".join(f"{key} {headline_value(summary, key, layer):.4f}" for key in minimums)
-    print(f"metrics gate passed: {layer} {passed}")
+    summary = read_json(SUMMARY)
+    passed = ", ".join(
+        f"{key} {headline_value(summary, key, params.layer):.4f}" for key in ("miou", "position_recall")
+    )
+    print(f"metrics gate passed: {params.layer} {passed}")
 
 
 if __name__ == "__main__":

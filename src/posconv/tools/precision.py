@@ -8,15 +8,14 @@ then collects; `collect` only re-reads them into `metrics/precision.json` and pr
 
 from __future__ import annotations
 
-import argparse
 import logging
-import subprocess
 
-from posconv.cli import run
+from posconv.cli import parser, run
 from posconv.compare import QUANTITIES
+from posconv.errors import BadInput
 from posconv.io import write_json
 from posconv.registry import LAYERS, evaluate_metrics, train_metrics
-from posconv.tools.study import experiment_revisions, read_metrics, show_all
+from posconv.tools.study import experiment_revisions, read_metrics, run_experiment, show_all
 
 logger = logging.getLogger(__name__)
 RESULTS = "metrics/precision.json"
@@ -34,14 +33,18 @@ def run_grid() -> None:
         for seed in SEEDS:
             logger.info("precision: %s", name(precision, seed))
             command = ["dvc", "exp", "run", "--temp", "-n", name(precision, seed)]
-            command += ["-S", f"train.precision={precision}", "-S", f"train.seed={seed}", "evaluate"]
-            subprocess.run(command, check=True, capture_output=True)
+            run_experiment(
+                [*command, "-S", f"train.precision={precision}", "-S", f"train.seed={seed}", "evaluate"]
+            )
 
 
 def collect() -> dict:
     """Per layer and precision: the checked quantities per seed, and whether bf16 lies in fp32's range."""
     revisions = experiment_revisions(show_all(), prefix="precision-")
-    runs = {key: read_metrics(revisions[name(*key)]) for key in ((p, s) for p in PRECISIONS for s in SEEDS)}
+    keys = [(p, s) for p in PRECISIONS for s in SEEDS]
+    if missing := [name(*key) for key in keys if name(*key) not in revisions]:
+        raise BadInput(f"no finished experiment {missing[0]}: run python -m posconv.tools.precision run")
+    runs = {key: read_metrics(revisions[name(*key)]) for key in keys}
     results: dict = {}
     for layer in LAYERS:
         files = {key: (run[evaluate_metrics(layer)], run[train_metrics(layer)]) for key, run in runs.items()}
@@ -75,9 +78,9 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m posconv.tools.precision", description=__doc__)
-    parser.add_argument("step", choices=["run", "collect"])
-    if parser.parse_args(argv).step == "run":
+    arguments = parser(__name__, __doc__)
+    arguments.add_argument("step", choices=["run", "collect"])
+    if arguments.parse_args(argv).step == "run":
         run_grid()
     results = collect()
     write_json(RESULTS, results)

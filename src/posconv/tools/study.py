@@ -8,7 +8,6 @@ files from git and writes `metrics/study.json`, which the report presents.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import resource
@@ -16,7 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from posconv.cli import run
+from posconv.cli import parser, run
+from posconv.errors import BadInput
 from posconv.grid import FULL_SCALE, SCALE, SEEDS, VARIANTS, aggregate, compare, experiment_name
 from posconv.io import read_json, write_json
 from posconv.registry import LAYERS, STUDY, evaluate_metrics, train_metrics
@@ -33,13 +33,25 @@ def experiment_args(variant: str, seed: int, scale: dict) -> list[str]:
     return ["dvc", "exp", "run", "--temp", "-n", experiment_name(variant, seed), *options, "evaluate"]
 
 
+def run_experiment(command: list[str]) -> None:
+    """Run one `dvc exp run`; a failure is one line: the stage's own error where it printed one."""
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        lines = (result.stderr + result.stdout).splitlines()
+        errors = [line for line in lines if line.startswith("error: ")] or [
+            line for line in lines if line.startswith("ERROR")
+        ]
+        reason = errors[0] if errors else f"exited {result.returncode}"
+        raise BadInput(f"experiment {command[command.index('-n') + 1]} failed: {reason}")
+
+
 def run_grid(scale: dict) -> dict:
     """Run every experiment of the grid, one after the other; return wall and CPU seconds."""
     started = time.perf_counter()
     for variant in VARIANTS:
         for seed in SEEDS:
             logger.info("study: %s", experiment_name(variant, seed))
-            subprocess.run(experiment_args(variant, seed, scale), check=True, capture_output=True)
+            run_experiment(experiment_args(variant, seed, scale))
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"wall_s": time.perf_counter() - started, "cpu_s": children.ru_utime + children.ru_stime}
 
@@ -79,17 +91,28 @@ def collect(cost: dict | None) -> None:
     """Write the study file; `cost` None (collect only) keeps the cost the last full run measured."""
     if cost is None and Path(STUDY).exists():
         cost = read_json(STUDY)["cost"]
-    results = aggregate({name: read_metrics(rev) for name, rev in experiment_revisions(show_all()).items()})
+    revisions = experiment_revisions(show_all())
+    missing = [
+        experiment_name(v, s) for v in VARIANTS for s in SEEDS if experiment_name(v, s) not in revisions
+    ]
+    if missing:
+        raise BadInput(
+            f"no finished experiment {missing[0]} (and {len(missing) - 1} more of the grid's "
+            f"{len(VARIANTS) * len(SEEDS)}): run python -m posconv.tools.study run"
+        )
+    results = aggregate({name: read_metrics(revisions[name]) for name in revisions})
     write_json(STUDY, {"seeds": list(SEEDS), "scale": SCALE, "variants": VARIANTS, "cost": cost,
                        "results": results, "comparisons": compare(results)})  # fmt: skip
     logger.info("wrote %s: %d variants x %d seeds", STUDY, len(VARIANTS), len(SEEDS))
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m posconv.tools.study", description=__doc__)
-    parser.add_argument("step", choices=["run", "collect"])
-    parser.add_argument("--full-scale", action="store_true", help="the seed's scale (for a GPU), not SCALE")
-    args = parser.parse_args(argv)
+    arguments = parser(__name__, __doc__)
+    arguments.add_argument("step", choices=["run", "collect"])
+    arguments.add_argument(
+        "--full-scale", action="store_true", help="the seed's scale (for a GPU), not SCALE"
+    )
+    args = arguments.parse_args(argv)
     cost = run_grid(FULL_SCALE if args.full_scale else SCALE) if args.step == "run" else None
     collect(cost)
 
