@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -98,3 +99,29 @@ def test_killed_mid_training_leaves_nothing_and_repro_redoes_it(
     sh("dvc", "repro", "train_vanilla")
     assert load_model(prepared / "models/vanilla.pt").spec.layer == "vanilla"
     assert json.loads((prepared / "metrics/train/vanilla/metrics.json").read_text())["steps"] > 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_dvc_repro_ends_the_training_it_started(prepared: Path, sh: Callable) -> None:
+    """DVC dies on SIGTERM without passing it on; the stage asked to be ended with its parent, so no
+    training goes on without DVC, and it leaves no outputs."""
+    set_params(prepared, train={"epochs": 200})
+    dvc = subprocess.Popen(
+        ["dvc", "repro", "train_vanilla"],
+        cwd=prepared,
+        env=sh.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    logs = "metrics/train/.vanilla.tmp*/plots/metrics/train/loss.tsv"
+    deadline = time.monotonic() + 120
+    while not any(log.read_text().count("\n") > 3 for log in prepared.glob(logs)):
+        assert time.monotonic() < deadline and dvc.poll() is None, "training never started"
+        time.sleep(0.05)
+    children = psutil.Process(dvc.pid).children(recursive=True)
+    assert any("posconv.stages.train" in " ".join(child.cmdline()) for child in children)
+    dvc.send_signal(signal.SIGTERM)
+    dvc.wait(timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [child.cmdline() for child in alive]
+    assert outputs_absent(prepared, "vanilla")
