@@ -83,6 +83,7 @@ def checkout(tmp_path: Path) -> Path:
         ".dvcignore",
         ".gitignore",
         "metrics",
+        "plots",
     )
     for name in names:
         source = ROOT / name
