@@ -4,19 +4,22 @@ never a traceback; an interrupted run exits 130 and leaves the previous outputs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import re
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from posconv.errors import BadInput
 from posconv.registry import DEVICE_PATTERN, INT64_MAX
 
-_PR_SET_PDEATHSIG = 1
+DVC_STAGE_VARIABLE = "DVC_STAGE"  # DVC sets it for every command it runs
+_WATCH_INTERVAL_S = 0.2
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,15 +55,46 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _end_with_parent() -> None:
-    """On Linux, have the kernel send SIGTERM when the parent process (`dvc repro`, the shell) dies,
-    so that killing DVC does not leave a stage running without it."""
-    if not sys.platform.startswith("linux"):
+_SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "fish"})
+
+
+def _parent_of(pid: int) -> int:
+    """`pid`'s parent from /proc (field 4 of stat, after the command name in parentheses)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _launch_chain() -> list[tuple[int, int]]:
+    """(child, parent) links from this process up to the first ancestor that is not a shell: DVC runs a
+    command as `$SHELL -c cmd`, and dash, unlike bash, stays alive between DVC and the stage."""
+    links = [(os.getpid(), os.getppid())]
+    while Path(f"/proc/{links[-1][1]}/comm").read_text().strip() in _SHELLS:
+        shell = links[-1][1]
+        links.append((shell, _parent_of(shell)))
+    return links
+
+
+def _watch(links: list[tuple[int, int]]) -> None:
+    """SIGTERM this process as soon as a link breaks: the launcher or a shell in between has ended."""
+    while True:
+        try:
+            if any(_parent_of(child) != parent for child, parent in links):
+                break
+        except OSError:  # a process in the chain is gone
+            break
+        time.sleep(_WATCH_INTERVAL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _end_with_launcher() -> None:
+    """Under DVC on Linux, end the stage when the `dvc` that runs it ends: DVC dies on SIGTERM without
+    passing it on, and a stage running on without DVC would write outputs nobody records."""
+    if DVC_STAGE_VARIABLE not in os.environ or not Path("/proc/self/stat").exists():
         return
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the request: stop now
-        raise KeyboardInterrupt("parent ended")
+    links = _launch_chain()
+    if links[-1][1] == 1:  # the launcher ended before this process started: init adopted the chain
+        raise KeyboardInterrupt("launcher ended")
+    threading.Thread(target=_watch, args=(links,), name="end-with-launcher", daemon=True).start()
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -68,7 +102,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        _end_with_parent()
+        _end_with_launcher()
         main(sys.argv[1:])
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr)
