@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ from posconv.errors import BadInput
 from posconv.grid import SCALE, SEEDS, VARIANTS, aggregate, check_study, compare, spread
 from posconv.model import FCN, ModelSpec, count_parameters
 from posconv.registry import LAYERS
-from posconv.tools.study import experiment_args, experiment_revisions
+from posconv.tools.experiments import Experiment, finished
+from posconv.tools.study import grid
 
 
 def fake_run(variant: str, seed: int) -> dict:
@@ -41,10 +43,13 @@ def fake_study() -> dict:
 
 
 def test_experiments_are_named_and_set_params_as_dvc_expects() -> None:
-    args = experiment_args("batchnorm", 2, {"generate.size": 64})
-    assert args[:6] == ["dvc", "exp", "run", "--temp", "-n", "study-batchnorm-s2"]
+    experiments = {experiment.name: experiment for experiment in grid({"generate.size": 64})}
+    assert len(experiments) == len(VARIANTS) * len(SEEDS)
+    args = experiments["study-batchnorm-s2"].queue_args()
+    assert args[:6] == ["exp", "run", "--queue", "-f", "-n", "study-batchnorm-s2"]
     assert args[6:-1:2] == ["-S"] * 4 and args[-1] == "evaluate"
     assert args[7:-1:2] == ["seed=2", "train.seed=2", "generate.size=64", "model.encoder_batchnorm=true"]
+    assert Experiment("x", {"a": 1.5}, "train_vanilla").queue_args()[-3:] == ["-S", "a=1.5", "train_vanilla"]
 
 
 def experiment(name: str, rev: str, timestamp: str | None, **extra: object) -> dict:
@@ -56,13 +61,18 @@ def test_finished_study_experiments_are_found_in_exp_show() -> None:
     newer = experiment("study-baseline-s0", "abc", "2026-11-22T03:02:21")
     older = experiment("study-baseline-s0", "0ld", "2026-11-21T10:00:00")
     running = experiment("study-wide-s1", "def", None, executor={"state": "running"})
+    failed = experiment("study-wide-s2", "fa1", "2026-11-22T03:02:00", executor={"state": "failed"})
+    queued = experiment("study-wide-s0", "0k", "2026-11-22T03:03:00", executor={"state": "success"})
     other = experiment("my-experiment", "123", "2026-11-22T03:00:00")
     shown = [
         {"rev": "workspace", "experiments": None},
-        {"rev": "HEAD", "experiments": [newer, running, other]},
+        {"rev": "HEAD", "experiments": [newer, running, failed, queued, other]},
         {"rev": "HEAD~1", "experiments": [older]},
     ]
-    assert experiment_revisions(shown) == {"study-baseline-s0": "abc"}
+    assert finished(shown, prefix="study-") == {"study-baseline-s0": "abc", "study-wide-s0": "0k"}
+    assert finished(shown, prefix="my-") == {"my-experiment": "123"}
+    since = datetime.datetime(2026, 11, 22, 3, 1)  # a grid that started then: only what finished after
+    assert finished(shown, since=since) == {"study-baseline-s0": "abc", "study-wide-s0": "0k"}
 
 
 def test_spread_floors_unreached_targets_by_their_run_length() -> None:

@@ -187,8 +187,9 @@ def study_section(study: dict) -> str:
     scale = ", ".join(f"`{key}={value}`" for key, value in study["scale"].items())
     intro = (
         f"{len(study['variants'])} variants x {len(study['seeds'])} seeds (data and training seed "
-        f"together) as DVC experiments (`python -m posconv.study run`) at a reduced scale: {scale}. "
-        f"Total cost: {fmt(cost.get('wall_s'))} s wall, {fmt(cost.get('cpu_s'))} s CPU. Values are "
+        f"together) as DVC experiments on DVC's queue (`python -m posconv.tools.study run -j "
+        f"{cost.get('jobs', 1)}`) at a reduced scale: {scale}. Total cost: {fmt(cost.get('wall_s'))} s "
+        f"wall, {fmt(cost.get('cpu_s'))} s CPU of the machine. Values are "
         "mean [min, max] over seeds; a difference is called real only when the min-max intervals "
         "do not overlap."
     )

@@ -2,7 +2,7 @@
 params.yaml's settings, as DVC experiments; bf16 holds when its test position recall and mIoU lie
 within fp32's min-max over the seeds.
 
-`python -m posconv.tools.precision run` runs the 6 experiments (`dvc exp run --temp`, up to evaluate),
+`python -m posconv.tools.precision run [-j N]` runs the 6 experiments on DVC's queue (up to evaluate),
 then collects; `collect` only re-reads them into `metrics/precision.json` and prints the table.
 """
 
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 
-from posconv.cli import parser, run
+from posconv.cli import parser, positive_int, run
 from posconv.compare import QUANTITIES
 from posconv.errors import BadInput
 from posconv.io import write_json
 from posconv.registry import LAYERS, evaluate_metrics, train_metrics
-from posconv.tools.study import experiment_revisions, read_metrics, run_experiment, show_all
+from posconv.tools.experiments import Experiment, finished, run_queued, show_all
+from posconv.tools.study import read_metrics
 
 logger = logging.getLogger(__name__)
 RESULTS = "metrics/precision.json"
@@ -28,19 +29,18 @@ def name(precision: str, seed: int) -> str:
     return f"precision-{precision}-s{seed}"
 
 
-def run_grid() -> None:
-    for precision in PRECISIONS:
-        for seed in SEEDS:
-            logger.info("precision: %s", name(precision, seed))
-            command = ["dvc", "exp", "run", "--temp", "-n", name(precision, seed)]
-            run_experiment(
-                [*command, "-S", f"train.precision={precision}", "-S", f"train.seed={seed}", "evaluate"]
-            )
+def run_grid(jobs: int) -> None:
+    grid = [
+        Experiment(name(precision, seed), {"train.precision": precision, "train.seed": seed})
+        for precision in PRECISIONS
+        for seed in SEEDS
+    ]
+    run_queued(grid, jobs)
 
 
 def collect() -> dict:
     """Per layer and precision: the checked quantities per seed, and whether bf16 lies in fp32's range."""
-    revisions = experiment_revisions(show_all(), prefix="precision-")
+    revisions = finished(show_all(), prefix="precision-")
     keys = [(p, s) for p in PRECISIONS for s in SEEDS]
     if missing := [name(*key) for key in keys if name(*key) not in revisions]:
         raise BadInput(f"no finished experiment {missing[0]}: run python -m posconv.tools.precision run")
@@ -80,8 +80,10 @@ def table(results: dict) -> str:
 def main(argv: list[str]) -> None:
     arguments = parser(__name__, __doc__)
     arguments.add_argument("step", choices=["run", "collect"])
-    if arguments.parse_args(argv).step == "run":
-        run_grid()
+    arguments.add_argument("-j", "--jobs", type=positive_int, default=1, help="DVC queue workers")
+    args = arguments.parse_args(argv)
+    if args.step == "run":
+        run_grid(args.jobs)
     results = collect()
     write_json(RESULTS, results)
     print(table(results))

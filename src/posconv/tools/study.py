@@ -1,97 +1,66 @@
 """The seed study's open questions, measured over several seeds as DVC experiments.
 
-`python -m posconv.tools.study run` runs every (variant, seed) of the grid (`posconv.grid`) as
-`dvc exp run --temp` up to the evaluate stage (the workspace is left alone), then collects.
+`python -m posconv.tools.study run [-j N]` queues every (variant, seed) of the grid (`posconv.grid`) with
+`dvc exp run --queue` up to the evaluate stage and runs them with `dvc queue start -j N` (the workspace
+is left alone; `posconv.tools.experiments`), then collects.
 `python -m posconv.tools.study collect` finds the experiments in `dvc exp show --json`, reads their metrics
 files from git and writes `metrics/study.json`, which the report presents.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import resource
-import subprocess
 import time
 from pathlib import Path
 
-from posconv.cli import parser, run
+from posconv.cli import parser, positive_int, run
 from posconv.errors import BadInput
 from posconv.grid import FULL_SCALE, SCALE, SEEDS, VARIANTS, aggregate, compare, experiment_name
 from posconv.io import read_json, write_json
 from posconv.registry import LAYERS, STUDY, evaluate_metrics, train_metrics
+from posconv.tools.experiments import (
+    Experiment,
+    finished,
+    machine_cpu_seconds,
+    read_files,
+    run_queued,
+    show_all,
+    stop_queue,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def experiment_args(variant: str, seed: int, scale: dict) -> list[str]:
-    """`dvc exp run` of one grid point, up to evaluate (the report stage needs the study it feeds)."""
-    changes = {"seed": seed, "train.seed": seed, **scale, **VARIANTS[variant]}
-    options = []
-    for key, value in changes.items():
-        options += ["-S", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
-    return ["dvc", "exp", "run", "--temp", "-n", experiment_name(variant, seed), *options, "evaluate"]
+def grid(scale: dict) -> list[Experiment]:
+    """Every (variant, seed) of the study, up to evaluate (the report stage needs the study it feeds)."""
+    return [
+        Experiment(experiment_name(variant, seed), {"seed": seed, "train.seed": seed, **scale, **changes})
+        for variant, changes in VARIANTS.items()
+        for seed in SEEDS
+    ]
 
 
-def run_experiment(command: list[str]) -> None:
-    """Run one `dvc exp run`; a failure is one line: the stage's own error where it printed one."""
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        lines = (result.stderr + result.stdout).splitlines()
-        errors = [line for line in lines if line.startswith("error: ")] or [
-            line for line in lines if line.startswith("ERROR")
-        ]
-        reason = errors[0] if errors else f"exited {result.returncode}"
-        raise BadInput(f"experiment {command[command.index('-n') + 1]} failed: {reason}")
-
-
-def run_grid(scale: dict) -> dict:
-    """Run every experiment of the grid, one after the other; return wall and CPU seconds."""
-    started = time.perf_counter()
-    for variant in VARIANTS:
-        for seed in SEEDS:
-            logger.info("study: %s", experiment_name(variant, seed))
-            run_experiment(experiment_args(variant, seed, scale))
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"wall_s": time.perf_counter() - started, "cpu_s": children.ru_utime + children.ru_stime}
-
-
-def experiment_revisions(shown: list[dict], prefix: str = "study-") -> dict[str, str]:
-    """Git revision of each finished experiment named `prefix...` in `dvc exp show --json --all-commits`
-    output; the newest run where a name ran more than once (on another commit, say)."""
-    finished = sorted(
-        (revision["data"]["timestamp"], revision["name"], revision["rev"])
-        for commit in shown
-        for experiment in commit.get("experiments") or []
-        for revision in experiment["revs"]
-        if (revision.get("name") or "").startswith(prefix)
-        and (revision.get("data") or {}).get("timestamp")
-        and not experiment.get("executor")
-    )
-    return {name: revision for _, name, revision in finished}
+def run_grid(scale: dict, jobs: int) -> dict:
+    """Run the grid on DVC's queue; return its wall seconds and the machine's CPU seconds meanwhile."""
+    started, cpu = time.perf_counter(), machine_cpu_seconds()
+    try:
+        run_queued(grid(scale), jobs)
+    except KeyboardInterrupt:
+        stop_queue()
+        raise
+    return {"wall_s": time.perf_counter() - started, "cpu_s": machine_cpu_seconds() - cpu, "jobs": jobs}
 
 
 def read_metrics(revision: str) -> dict[str, dict]:
-    """An experiment's metrics files, whole, from its git commit (`dvc exp show` drops list values)."""
-    paths = [evaluate_metrics(model) for model in LAYERS] + [train_metrics(model) for model in LAYERS]
-    return {path: json.loads(_git_show(f"{revision}:{path}")) for path in paths}
-
-
-def show_all() -> list[dict]:
-    """`dvc exp show --json --all-commits`: every experiment of every commit."""
-    command = ["dvc", "exp", "show", "--json", "--all-commits"]
-    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-
-
-def _git_show(spec: str) -> str:
-    return subprocess.run(["git", "show", spec], check=True, capture_output=True, text=True).stdout
+    """An experiment's metrics files of every layer."""
+    return read_files(revision, [evaluate_metrics(m) for m in LAYERS] + [train_metrics(m) for m in LAYERS])
 
 
 def collect(cost: dict | None) -> None:
     """Write the study file; `cost` None (collect only) keeps the cost the last full run measured."""
     if cost is None and Path(STUDY).exists():
         cost = read_json(STUDY)["cost"]
-    revisions = experiment_revisions(show_all())
+    revisions = finished(show_all(), prefix="study-")
     missing = [
         experiment_name(v, s) for v in VARIANTS for s in SEEDS if experiment_name(v, s) not in revisions
     ]
@@ -112,8 +81,12 @@ def main(argv: list[str]) -> None:
     arguments.add_argument(
         "--full-scale", action="store_true", help="the seed's scale (for a GPU), not SCALE"
     )
+    arguments.add_argument(
+        "-j", "--jobs", type=positive_int, default=1, help="DVC queue workers (dvc queue start -j)"
+    )
     args = arguments.parse_args(argv)
-    cost = run_grid(FULL_SCALE if args.full_scale else SCALE) if args.step == "run" else None
+    scale = FULL_SCALE if args.full_scale else SCALE
+    cost = run_grid(scale, args.jobs) if args.step == "run" else None
     collect(cost)
 
 

@@ -1,0 +1,173 @@
+"""Grids of DVC experiments, run on DVC's own queue and read back from git.
+
+A grid is a list of named experiments (params overrides of the pipeline, up to a target stage). They
+are queued with `dvc exp run --queue` and run by `dvc queue start -j N` (DVC's Celery workers, each in
+its own temporary workspace); the names then come back from `dvc exp show --json`.
+
+The queue's known problems, and what happens to each here:
+- a task can be lost (a worker that shuts down as it takes a task leaves it "Running" with no worker):
+  anything that did not finish and left no error of its own is queued again, up to `RETRIES` times;
+- parallel workers share the repo's lock and its git refs: the same retry covers a run that failed on
+  them; -j 2 is tested, and workers get `cores // jobs` threads each so that they do not oversubscribe;
+- an experiment that fails on its own (a stage's `error:` line in `dvc queue logs`) is not retried: it
+  is reported with that line, while the others still land;
+- names are unique per baseline commit: `-f` replaces an older experiment of the same name, and only
+  experiments that finished after the grid started count.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posconv.errors import BadInput
+
+logger = logging.getLogger(__name__)
+RETRIES = 2
+POLL_S = 2.0
+STALL_POLLS = 5
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    target: str = "evaluate"  # the stage it runs up to
+
+    def queue_args(self) -> list[str]:
+        """`dvc exp run --queue` of this experiment, params set as DVC's YAML reads them back."""
+        command = ["exp", "run", "--queue", "-f", "-n", self.name]
+        for key, value in self.overrides.items():
+            command += ["-S", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+        return [*command, self.target]
+
+
+def _dvc(*args: str, env: Mapping[str, str] | None = None) -> str:
+    result = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
+    if result.returncode:
+        last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+        raise BadInput(f"dvc {' '.join(args[:3])} failed: {last}")
+    return result.stdout
+
+
+def queue_state() -> tuple[dict[str, list[str]], int]:
+    """Status of each queued name (oldest first) and the number of active workers, from
+    `dvc queue status` (it has no JSON output)."""
+    states: dict[str, list[str]] = {}
+    active = 0
+    for line in _dvc("queue", "status").splitlines():
+        words = line.split()
+        if line.startswith("Worker status:"):
+            active = int(words[2])
+        elif len(words) >= 4 and words[0] != "Task":
+            states.setdefault(words[1], []).append(words[-1])
+    return states, active
+
+
+def _wait_for_workers(names: list[str], jobs: int) -> None:
+    """Until no worker is active and none of `names` is still waiting to start; workers are started
+    again when tasks wait with none active for `STALL_POLLS` polls (they exit when they see an empty
+    queue, and can race a task queued as they do)."""
+    idle_polls = 0
+    while True:
+        time.sleep(POLL_S)
+        states, active = queue_state()
+        waiting = any(states.get(name, [])[-1:] == ["Queued"] for name in names)
+        if not active and not waiting:
+            return
+        idle_polls = idle_polls + 1 if waiting and not active else 0
+        if idle_polls == STALL_POLLS:
+            _start_workers(jobs)
+            idle_polls = 0
+
+
+def _start_workers(jobs: int) -> None:
+    """`dvc queue start -j jobs`, each worker's experiments with `cores // jobs` threads."""
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    _dvc("queue", "start", "-j", str(jobs), env={**os.environ, "OMP_NUM_THREADS": threads})
+
+
+def _own_error(name: str) -> str | None:
+    """The experiment's own one-line error (a stage's `error: ...`), from `dvc queue logs`."""
+    result = subprocess.run(["dvc", "queue", "logs", name], capture_output=True, text=True)
+    return next((line for line in result.stdout.splitlines() if line.startswith("error: ")), None)
+
+
+def run_queued(grid: list[Experiment], jobs: int) -> None:
+    """Run `grid` on DVC's queue with `jobs` workers; BadInput names every experiment that failed, with
+    its own error, after the others have landed."""
+    started = datetime.datetime.now().replace(microsecond=0)
+    pending, failures = list(grid), {}
+    for attempt in range(RETRIES + 1):
+        _dvc("queue", "remove", "--queued", "--failed", "--success")
+        for experiment in pending:
+            _dvc(*experiment.queue_args())
+        logger.info(
+            "queued %d experiments (attempt %d); dvc queue start -j %d", len(pending), attempt + 1, jobs
+        )
+        _start_workers(jobs)
+        _wait_for_workers([e.name for e in pending], jobs)
+        done = finished(show_all(), since=started)
+        unfinished = [e for e in pending if e.name not in done]
+        errors = {e.name: _own_error(e.name) for e in unfinished}
+        failures |= {name: error for name, error in errors.items() if error}
+        pending = [e for e in unfinished if not errors[e.name]]
+        if not pending:
+            break
+        logger.warning(
+            "%d experiments lost by the queue: %s", len(pending), ", ".join(e.name for e in pending)
+        )
+    failures |= {e.name: f"lost by DVC's queue {RETRIES + 1} times" for e in pending}
+    if failures:
+        lines = [f"experiment {name} failed: {error}" for name, error in sorted(failures.items())]
+        raise BadInput("; ".join(lines))
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat): the queue's workers are detached
+    from the tool, so their time is not among its children's."""
+    busy = Path("/proc/stat").read_text().split()[1:4]  # user, nice, system of the "cpu" line
+    return sum(int(ticks) for ticks in busy) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_queue() -> None:
+    """Kill the queue's running experiments and its workers (an interrupted grid leaves nothing running)."""
+    subprocess.run(["dvc", "queue", "stop", "--kill"], capture_output=True)
+
+
+def show_all() -> list[dict]:
+    """`dvc exp show --json --all-commits`: every experiment of every commit."""
+    return json.loads(_dvc("exp", "show", "--json", "--all-commits"))
+
+
+def finished(shown: list[dict], prefix: str = "", since: datetime.datetime | None = None) -> dict[str, str]:
+    """Git revision of each finished experiment named `prefix...` in `dvc exp show --json` output,
+    finished at `since` or later; the newest where a name ran more than once (on another commit, say)."""
+    runs = sorted(
+        (revision["data"]["timestamp"], revision["name"], revision["rev"])
+        for commit in shown
+        for experiment in commit.get("experiments") or []
+        for revision in experiment["revs"]
+        if (revision.get("name") or "").startswith(prefix)
+        and (revision.get("data") or {}).get("timestamp")
+        and (experiment.get("executor") or {}).get("state", "success") == "success"
+    )  # the queue's finished experiments keep their executor, in state "success"
+    earliest = since.isoformat() if since else ""
+    return {name: revision for stamp, name, revision in runs if stamp >= earliest}
+
+
+def read_files(revision: str, paths: list[str]) -> dict[str, Any]:
+    """JSON files, whole, from an experiment's git commit (`dvc exp show` drops list values)."""
+    return {path: json.loads(_git_show(f"{revision}:{path}")) for path in paths}
+
+
+def _git_show(spec: str) -> str:
+    return subprocess.run(["git", "show", spec], check=True, capture_output=True, text=True).stdout

@@ -1,0 +1,94 @@
+"""Scale-out on DVC's own engines: a grid on the experiment queue, and experiments shared between
+clones through a git remote and a DVC remote. Real DVC, real training, tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posconv.registry import evaluate_metrics, model_path
+from posconv.tools.experiments import finished
+
+QUEUE_GRID = """
+import sys
+from posconv.cli import run
+from posconv.tools.experiments import Experiment, run_queued
+
+grid = [Experiment(f"q-s{seed}", {"train.seed": seed}) for seed in (1, 2, 3)]
+grid.append(Experiment("q-bad", {"train.lr": -1}))
+sys.argv = ["queue"]
+run(lambda argv: run_queued(grid, jobs=2))
+"""
+
+
+def experiments(sh: Callable) -> dict[str, str]:
+    """Name -> revision of the finished experiments `dvc exp show` lists (test_study tests `finished`)."""
+    return finished(json.loads(sh("dvc", "exp", "show", "--json", "--all-commits").stdout))
+
+
+@pytest.mark.slow
+def test_a_grid_runs_on_the_queue_with_two_workers_and_a_failure_is_its_own_error(
+    project: Path, sh: Callable
+) -> None:
+    """3 experiments and a failing one, `dvc queue start -j 2`: the failure is reported with the stage's
+    own line, and the other three land and can be read back."""
+    result = sh("python", "-c", QUEUE_GRID, check=False)
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert error_lines == ["error: experiment q-bad failed: error: train.lr = -1: expected a value > 0.0"], (
+        result.stderr
+    )
+    found = experiments(sh)
+    assert {"q-s1", "q-s2", "q-s3"} <= set(found) and "q-bad" not in found
+    recalls = set()
+    for name in ("q-s1", "q-s2", "q-s3"):
+        params = yaml.safe_load(sh("git", "show", f"{found[name]}:params.yaml").stdout)
+        assert params["train"]["seed"] == int(name[-1])
+        scores = json.loads(sh("git", "show", f"{found[name]}:{evaluate_metrics('coordbias')}").stdout)
+        recalls.add(tuple(scores["recall"]))
+    assert len(recalls) == 3  # three seeds, three different networks
+    status = sh("dvc", "queue", "status").stdout
+    assert "Queued" not in status and "Running" not in status  # nothing left behind
+
+
+def test_experiments_and_models_travel_through_a_git_remote_and_a_dvc_remote(
+    project: Path, sh: Callable, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The multi-machine recipe of the README: one clone runs and pushes, a fresh clone pulls."""
+    shared = tmp_path_factory.mktemp("shared")
+    origin, storage = shared / "origin.git", shared / "storage"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    sh("git", "remote", "add", "origin", str(origin))
+    sh("dvc", "remote", "add", "-f", "-d", "storage", str(storage))
+    sh("dvc", "repro")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "trained, with a DVC remote")
+    sh("git", "push", "-q", "origin", "HEAD:main")
+    sh("dvc", "push", "-q")
+    sh("dvc", "exp", "run", "--temp", "-n", "shared-s1", "-S", "train.seed=1")
+    sh("dvc", "exp", "push", "origin", "shared-s1")
+
+    clone = shared / "clone"
+    subprocess.run(["git", "clone", "-q", "-b", "main", str(origin), str(clone)], check=True)
+
+    def in_clone(*command: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(command, cwd=clone, env=sh.env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
+        return result
+
+    in_clone("dvc", "pull", "-q")
+    model = model_path("coordbias")
+    assert (clone / model).read_bytes() == (project / model).read_bytes()
+    in_clone("dvc", "exp", "pull", "origin", "shared-s1")
+    listed = in_clone("dvc", "exp", "show", "--json").stdout
+    assert '"shared-s1"' in listed
+    in_clone("dvc", "exp", "apply", "shared-s1")  # checks out the experiment's models, pulled with it
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())
+    recorded = next(out for out in lock["stages"]["train_coordbias"]["outs"] if out["path"] == model)
+    assert in_clone("md5sum", model).stdout.split()[0] == recorded["md5"]
+    assert (clone / model).read_bytes() != (project / model).read_bytes()  # seed 1, not seed 0
