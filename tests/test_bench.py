@@ -56,3 +56,18 @@ def test_flops_per_image_count_every_convolution_whatever_path_the_layers_take()
         flops_per_image(ModelSpec.of(layer, model), params, data) for layer in ("vanilla", "coordbias")
     )
     assert vanilla < coordbias < 1.1 * vanilla
+
+
+def test_families_benchmark_times_each_layer_and_both_formulations(sh: Callable) -> None:
+    output = sh("python", "-m", "posconv.tools.bench", "families", "--quick").stdout
+    for memory_format in ("NCHW", "NHWC"):
+        rows = {
+            line[5:29].strip(): line[29:].split()
+            for line in output.splitlines()
+            if line.startswith(memory_format)
+        }
+        assert set(rows) >= {"vanilla", "involution", "coordinvolution", "deform", "coorddeform"}
+        for op in ("involution op", "deform op"):
+            assert rows[op][2].endswith("x") and float(rows[op][2][:-1]) > 0  # against its unfold form
+            assert float(rows[f"{op}, unfold"][3]) > 0  # the unfold form saves memory for backward
+        assert rows["vanilla"][1] == "1.00x"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +14,9 @@ from torch.func import functional_call
 
 from posconv import fused
 from posconv.layers import LAYER_OPTIONS, CoordBias2d, CoordConv2d, make_conv
+from posconv.model import FCN, ModelSpec, load_model, save_model
 from posconv.position_term import term_map
-from posconv.registry import LAYERS
+from posconv.registry import FACTORY_LAYERS, LAYERS
 
 # PyTorch's note that an even kernel with padding="same" pads a copy of the input: expected here
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -148,7 +150,8 @@ def _input(h: int, w: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 
 def test_factory_builds_every_registered_layer_with_its_own_options() -> None:
-    assert tuple(LAYER_OPTIONS) == LAYERS == ("vanilla", "coordbias", "coordconv")
+    assert tuple(LAYER_OPTIONS) == FACTORY_LAYERS
+    assert LAYERS == ("vanilla", "coordbias", "coordconv")  # the pipeline's train stages
     shape = dict(stride=2, bias=False)
     assert type(make_conv("vanilla", 3, 5, 3, **shape)) is nn.Conv2d
     bias = make_conv("coordbias", 3, 5, (3, 5), coords="seed", **shape)
@@ -158,6 +161,21 @@ def test_factory_builds_every_registered_layer_with_its_own_options() -> None:
     assert make_conv("coordconv", 3, 5, 3).coord_weight.shape == (5, 2, 3, 3)
 
 
+@pytest.mark.parametrize("name", FACTORY_LAYERS)
+def test_every_factory_layer_serves_as_the_encoders_convolution(name: str, tmp_path: Path) -> None:
+    """In place of every encoder convolution (3 -> w channels first): the network runs forward and
+    backward, its every parameter gets a gradient, and it survives a save and a load."""
+    torch.manual_seed(0)
+    model = FCN(ModelSpec(name, width=8))
+    x = torch.randn(2, 3, 24, 24)
+    logits = model(x)
+    logits.square().mean().backward()
+    assert logits.shape == (2, 4, 24, 24)
+    assert all(p.grad is not None for p in model.parameters())
+    save_model(model, tmp_path / "model.pt")
+    assert torch.equal(load_model(tmp_path / "model.pt", layer=name).eval()(x), model.eval()(x))
+
+
 @pytest.mark.parametrize(
     ("name", "options", "unused"),
     [
@@ -165,6 +183,9 @@ def test_factory_builds_every_registered_layer_with_its_own_options() -> None:
         ("vanilla", dict(with_r=True), "with_r"),
         ("coordbias", dict(with_r=True), "with_r"),
         ("coordconv", dict(coord=True), "coord"),
+        ("involution", dict(coords="seed"), "coords"),
+        ("deform", dict(reduction=2), "reduction"),
+        ("coorddeform", dict(with_r=True), "with_r"),
     ],
 )
 def test_factory_refuses_options_the_layer_does_not_take(name: str, options: dict, unused: str) -> None:

@@ -71,6 +71,16 @@ class TrainParams(_Group):
     channels_last: bool
     fused_conv: bool
     val_every: Count
+    processes: Annotated[int, Field(ge=1, le=1024)] = 1  # DDP ranks on this machine (1: no DDP)
+
+    @model_validator(mode="after")
+    def _processes_share_each_batch(self) -> TrainParams:
+        if self.batch_size % self.processes:
+            raise BadInput(
+                f"train.batch_size = {self.batch_size}: not divisible by train.processes = {self.processes} "
+                "(each process takes an equal share of every batch)"
+            )
+        return self
 
 
 class EvaluateParams(_Group):

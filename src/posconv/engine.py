@@ -1,6 +1,7 @@
 """Training and inference loops. Data sits in memory (on the GPU when training there) as uint8 and
 is batched by indexing, so there is no per-sample loader cost. Knows nothing of DVC: progress
-goes to a `TrainLog`.
+goes to a `TrainLog`. `train` also trains a DistributedDataParallel model, one rank's shard of each
+batch (`posconv.distributed` starts the ranks and wraps the model).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from posconv.config import TrainParams
@@ -165,6 +168,16 @@ class TrainLog(Protocol):
     def validation(self, step: int, scores: dict) -> None: ...
 
 
+class NoLog:
+    """The log of DDP ranks other than 0: they train, rank 0 reports."""
+
+    def train_loss(self, step: int, loss: float) -> None:
+        pass
+
+    def validation(self, step: int, scores: dict) -> None:
+        pass
+
+
 @dataclass
 class TrainResult:
     steps: int = 0
@@ -196,10 +209,15 @@ def make_schedule(
 
 
 class _LossBuffer:
-    """Per-step losses kept on the device and handed to the log in bulk, so steps never wait for the host."""
+    """Per-step losses kept on the device and handed to the log in bulk, so steps never wait for the host.
 
-    def __init__(self, log: TrainLog) -> None:
+    Under DDP (`processes` > 1) each rank holds its share of every step's loss; a flush sums them over
+    the ranks, so every rank logs and checks the global batch's loss, and all stop at a non-finite one.
+    """
+
+    def __init__(self, log: TrainLog, processes: int = 1, group: dist.ProcessGroup | None = None) -> None:
         self.log, self.first_step, self.losses = log, 0, []
+        self.processes, self.group = processes, group
 
     def add(self, step: int, loss: torch.Tensor) -> None:
         if not self.losses:
@@ -207,7 +225,12 @@ class _LossBuffer:
         self.losses.append(loss.detach())
 
     def flush(self) -> float:
-        values = torch.stack(self.losses).float().tolist() if self.losses else []
+        if self.processes > 1 and self.losses:
+            shares = torch.stack(self.losses).float()
+            dist.all_reduce(shares, group=self.group)
+            values = shares.tolist()
+        else:
+            values = torch.stack(self.losses).float().tolist() if self.losses else []
         for offset, value in enumerate(values):
             if not math.isfinite(value):
                 raise BadInput(
@@ -224,16 +247,42 @@ def train_step(
     data: LabelledImages,
     rows: torch.Tensor,
     params: TrainParams,
+    loss_scale: float | None = None,
 ) -> torch.Tensor:
-    """One optimisation step on `rows` of `data`; returns the loss, still on the device."""
+    """One optimisation step on `rows` of `data`; returns the loss, still on the device.
+
+    The loss is the mean over the pixels of `rows`; with `loss_scale`, their sum times `loss_scale`
+    instead (how a DDP rank weighs its shard of a batch, see `train`).
+    """
     model.train()
     with autocast(data.images.device, params.precision):
         logits = model(to_input(data.images[rows], params.channels_last))
-        loss = nn.functional.cross_entropy(logits.float(), data.labels[rows].long())
+        if loss_scale is None:
+            loss = nn.functional.cross_entropy(logits.float(), data.labels[rows].long())
+        else:
+            loss = nn.functional.cross_entropy(logits.float(), data.labels[rows].long(), reduction="sum")
+            loss = loss * loss_scale
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss
+
+
+def check_shards(images: int, batch_size: int, processes: int) -> None:
+    """Refuse batches that `processes` DDP ranks cannot share: each needs an equal share of a full batch
+    and at least one image of the last, shorter one (a rank with no image has no step to take)."""
+    if batch_size % processes:
+        raise BadInput(
+            f"train.batch_size = {batch_size}: not divisible by the {processes} training processes "
+            "(each takes an equal share of every batch)"
+        )
+    last = images % batch_size
+    if 0 < last < processes:
+        raise BadInput(
+            f"train.batch_size = {batch_size}: the last batch of each epoch ({images} train images) has "
+            f"{last} image(s), fewer than the {processes} training processes; choose a batch size that "
+            f"leaves 0 or at least {processes}"
+        )
 
 
 def train(
@@ -248,20 +297,40 @@ def train(
     """Train with cross-entropy; validate every `val_every` steps and after the last step.
 
     Training time excludes validation, so throughput measures the training loop alone.
+
+    A DistributedDataParallel `model` is trained as one of N ranks: every rank draws the same order,
+    so the global batches, the steps and the schedule are the single process's, and rank r takes items
+    r::N of each batch. Its loss is its pixels' summed loss over the batch's pixels, times N: DDP's mean
+    of the ranks' gradients is then the gradient of the batch's mean loss, whatever the shards' sizes
+    (the last batch may split unevenly). Rank 0 validates and logs while the others wait.
     """
     device = train_data.images.device
+    network, rank, processes, group = model, 0, 1, None
+    if isinstance(model, DistributedDataParallel):
+        network, group = model.module, model.process_group
+        rank, processes = dist.get_rank(group), dist.get_world_size(group)
+        check_shards(len(train_data), params.batch_size, processes)
     total_steps = params.epochs * math.ceil(len(train_data) / params.batch_size)
     optimizer = make_optimizer(model, params)
     schedule = make_schedule(optimizer, params, total_steps)
     order_rng = torch.Generator().manual_seed(params.seed)
-    result, buffer = TrainResult(), _LossBuffer(log)
-    bar = tqdm(total=params.epochs * len(train_data), unit="img", desc="train", disable=None)  # terminal only
+    result, buffer = TrainResult(), _LossBuffer(log, processes, group)
+    bar = tqdm(
+        total=params.epochs * len(train_data), unit="img", desc="train", disable=None if rank == 0 else True
+    )  # rank 0, on a terminal only
+    pixels_per_image = train_data.labels[0].numel()
     with bar:
         clock = time.perf_counter()
         for _ in range(params.epochs):
             order = torch.randperm(len(train_data), generator=order_rng).to(device)
             for rows in order.split(params.batch_size):
-                buffer.add(result.steps, train_step(model, optimizer, train_data, rows, params))
+                if processes == 1:
+                    loss = train_step(model, optimizer, train_data, rows, params)
+                else:  # this rank's share of the batch's mean loss, to be summed over the ranks
+                    scale = processes / (len(rows) * pixels_per_image)
+                    shard = rows[rank::processes]
+                    loss = train_step(model, optimizer, train_data, shard, params, scale) / processes
+                buffer.add(result.steps, loss)
                 schedule.step()
                 result.steps, result.images = result.steps + 1, result.images + len(rows)
                 bar.update(len(rows))
@@ -272,9 +341,14 @@ def train(
                 if validate_now:
                     synchronize(device)
                     result.train_seconds += time.perf_counter() - clock
-                    scores = validate(model, val_data, val_batch_size, params.precision, params.channels_last)
-                    result.validations.append((result.steps, scores))
-                    log.validation(result.steps, scores)
+                    if rank == 0:
+                        scores = validate(
+                            network, val_data, val_batch_size, params.precision, params.channels_last
+                        )
+                        result.validations.append((result.steps, scores))
+                        log.validation(result.steps, scores)
+                    if processes > 1:
+                        dist.barrier(group)  # the others wait for rank 0's validation
                     clock = time.perf_counter()
     return result
 

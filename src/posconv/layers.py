@@ -3,6 +3,10 @@
 - `vanilla`: `nn.Conv2d`.
 - `coordbias` (seed 000): `y = conv(x) + a_c*X + b_c*Y`, two learned scalars per output channel.
 - `coordconv` (Liu et al. 2018): the convolution also sees the input's coordinate channels X, Y (and r).
+- `involution`, `coordinvolution` (seed 003, `posconv.involution`): a kernel generated per pixel from
+  the input there (and, for coordinvolution, from its coordinates too), shared across a group's channels.
+- `deform`, `coorddeform` (seed 004, `posconv.deform`): deformable convolution v2, learned per-pixel
+  offsets and modulation (and, for coorddeform, the coordinate bias).
 
 Both add a position term that does not depend on the input: one (C_out, H, W) map per forward, a
 small matrix product of the coordinate parameters with a cached basis (for coordconv, the coordinate
@@ -24,8 +28,19 @@ from torch import nn
 
 from posconv import fused
 from posconv.coords import check_convention, input_patches, output_grid, positioned
+from posconv.deform import CoordDeformConv2d, DeformConv2d
+from posconv.involution import CoordInvolution2d, Involution2d
 from posconv.position_term import add_position_term
-from posconv.registry import COORDBIAS, COORDCONV, LAYERS, VANILLA
+from posconv.registry import (
+    COORD_DEFORM,
+    COORD_INVOLUTION,
+    COORDBIAS,
+    COORDCONV,
+    DEFORM,
+    FACTORY_LAYERS,
+    INVOLUTION,
+    VANILLA,
+)
 
 
 class _PositionAware(nn.Conv2d):
@@ -142,26 +157,34 @@ class CoordConv2d(_PositionAware):
         return f"{super().extra_repr()}, with_r={self.with_r}"
 
 
-LAYER_CLASSES: dict[str, type[nn.Conv2d]] = {
+LAYER_CLASSES: dict[str, type[nn.Module]] = {
     VANILLA: nn.Conv2d,
     COORDBIAS: CoordBias2d,
     COORDCONV: CoordConv2d,
+    INVOLUTION: Involution2d,
+    COORD_INVOLUTION: CoordInvolution2d,
+    DEFORM: DeformConv2d,
+    COORD_DEFORM: CoordDeformConv2d,
 }
 LAYER_OPTIONS: dict[str, tuple[str, ...]] = {  # what each layer takes beyond nn.Conv2d's signature
     VANILLA: (),
     COORDBIAS: ("coords",),
     COORDCONV: ("coords", "with_r"),
+    INVOLUTION: ("reduction", "group_channels"),
+    COORD_INVOLUTION: ("coords", "reduction", "group_channels"),
+    DEFORM: ("offset_groups",),
+    COORD_DEFORM: ("coords", "offset_groups"),
 }
 _CONV_ARGUMENTS = ("stride", "padding", "dilation", "groups", "bias", "padding_mode", "device", "dtype")
 
 
-def make_conv(name: str, in_channels: int, out_channels: int, kernel_size: Any, **options: Any) -> nn.Conv2d:
+def make_conv(name: str, in_channels: int, out_channels: int, kernel_size: Any, **options: Any) -> nn.Module:
     """Build layer `name` with `nn.Conv2d`'s signature plus the options that layer takes.
 
     An unknown name is a ValueError, an option the layer does not take a TypeError: nothing is dropped.
     """
     if name not in LAYER_CLASSES:
-        raise ValueError(f"layer {name!r}: expected one of {', '.join(LAYERS)}")
+        raise ValueError(f"layer {name!r}: expected one of {', '.join(FACTORY_LAYERS)}")
     unknown = sorted(set(options) - set(LAYER_OPTIONS[name]) - set(_CONV_ARGUMENTS))
     if unknown:
         takes = ", ".join(LAYER_OPTIONS[name]) or "none"

@@ -42,12 +42,20 @@ class ModelSpec:
         return cls(layer=layer, **{name: options[name] for name in spec_fields(layer)})
 
 
+_SPEC_OPTIONS = ("coords", "with_r")  # the layer options a spec (params.yaml's model) sets; others default
+
+
 def spec_fields(layer: str) -> tuple[str, ...]:
     """The model options `layer`'s network reads: a vanilla network has no position-aware layer to place
     or to give options. The train stages in dvc.yaml list exactly these, so a change re-trains only the
     networks it touches."""
     shared = ("width", "encoder_batchnorm")
-    return shared if layer == BASELINE else (*shared, "placement", *LAYER_OPTIONS[layer])
+    return shared if layer == BASELINE else (*shared, "placement", *_spec_options(layer))
+
+
+def _spec_options(layer: str) -> tuple[str, ...]:
+    """The options of `layer` that a spec sets (the others keep the layer's defaults)."""
+    return tuple(option for option in LAYER_OPTIONS[layer] if option in _SPEC_OPTIONS)
 
 
 class FCN(nn.Module):
@@ -70,11 +78,11 @@ class FCN(nn.Module):
         self.norm = nn.ModuleList(nn.BatchNorm2d(c) for c in (2 * w, w, w // 2))
         self.classifier = self._conv("all", in_channels=w // 2, out_channels=N_CLASSES, kernel_size=1)
 
-    def _conv(self, needs: str | tuple[str, ...], **shape: int) -> nn.Conv2d:
+    def _conv(self, needs: str | tuple[str, ...], **shape: int) -> nn.Module:
         """A convolution that is position-aware when `spec.placement` is one of `needs`."""
         aware = self.spec.placement in ((needs,) if isinstance(needs, str) else needs)
         name = self.spec.layer if aware else BASELINE
-        options = {option: getattr(self.spec, option) for option in LAYER_OPTIONS[name]}
+        options = {option: getattr(self.spec, option) for option in _spec_options(name)}
         return make_conv(name, **shape, **options)
 
     def _encoder_conv(self, index: int, c_in: int, c_out: int) -> list[nn.Module]:

@@ -16,11 +16,15 @@ N_CLASSES = len(CLASS_NAMES)
 BACKGROUND, RIGHT_YELLOW, LEFT_YELLOW, BOTTOM_RED = range(N_CLASSES)
 POSITION_CLASSES = (RIGHT_YELLOW, LEFT_YELLOW, BOTTOM_RED)  # the classes that depend on where a circle is
 
-# ---- layers: the names the factory builds; the pipeline trains every one and compares with BASELINE ----
+# ---- layers: the names the factory builds; the pipeline trains LAYERS and compares with BASELINE ----
 
 VANILLA, COORDBIAS, COORDCONV = "vanilla", "coordbias", "coordconv"
-LAYERS = (VANILLA, COORDBIAS, COORDCONV)
+LAYERS = (VANILLA, COORDBIAS, COORDCONV)  # trained by the pipeline's train stages
 BASELINE = VANILLA
+# content-adaptive layers (seeds 003, 004), alone and given coordinates: in the factory, not yet trained
+INVOLUTION, COORD_INVOLUTION, DEFORM, COORD_DEFORM = "involution", "coordinvolution", "deform", "coorddeform"
+CONTENT_ADAPTIVE = (INVOLUTION, COORD_INVOLUTION, DEFORM, COORD_DEFORM)
+FACTORY_LAYERS = LAYERS + CONTENT_ADAPTIVE
 
 # ---- pipeline outputs ----
 

@@ -3,23 +3,31 @@
 `python -m posconv.stages.train <layer>` writes `models/<layer>.pt` and the DVCLive folder
 `metrics/train/<layer>/` (metrics.json and per-step plots). Both are written under temporary names
 and renamed into place together at the end, so a failed or killed run leaves the previous pair.
+
+With `train.processes: N > 1` the stage launches itself as N DDP ranks (`posconv.distributed`);
+`torchrun --nproc-per-node N -m posconv.stages.train <layer>` runs it as N ranks directly. Rank 0
+writes the outputs; the others write nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 from dvclive import Live
 
-from posconv import fused, registry
+from posconv import distributed, fused, registry
 from posconv.cli import parser, run
-from posconv.config import load_params
+from posconv.config import Params, load_params
 from posconv.data import load_scenes, load_split
+from posconv.distributed import World
 from posconv.engine import (
     LabelledImages,
+    NoLog,
     TrainResult,
     peak_memory_mb,
     place,
@@ -27,7 +35,7 @@ from posconv.engine import (
     resolve_precision,
     train,
 )
-from posconv.io import atomic_outputs
+from posconv.io import atomic_outputs, remove_stale_temporaries
 from posconv.model import FCN, ModelSpec, count_parameters, save_model
 
 logger = logging.getLogger(__name__)
@@ -61,8 +69,11 @@ def steps_to_target(
     return next(reached, None)
 
 
-def summary(result: TrainResult, model: FCN, started: float, device: torch.device, precision: str) -> dict:
-    """The run's numbers for DVCLive's metrics.json (what `dvc exp show` lists)."""
+def summary(
+    result: TrainResult, model: FCN, started: float, device: torch.device, precision: str, processes: int
+) -> dict:
+    """The run's numbers for DVCLive's metrics.json (what `dvc exp show` lists); under DDP, rank 0's
+    (the images per second are the global batch's, the peak memory rank 0's own)."""
     vanilla = FCN(ModelSpec.of(registry.BASELINE, vars(model.spec)))
     return {
         "steps": result.steps,
@@ -74,7 +85,21 @@ def summary(result: TrainResult, model: FCN, started: float, device: torch.devic
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device),
         "precision": precision,
+        "processes": processes,
     }
+
+
+def launch(layer: str, processes: int) -> None:
+    """Run this stage as `processes` DDP ranks; a failure is the failing rank's one line, and leaves no
+    temporaries even where a rank was killed before it could remove its own."""
+    try:
+        distributed.launch(sys.executable, ["-m", "posconv.stages.train", layer], processes)
+    except distributed.RankFailed as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        for output in (registry.model_path(layer), registry.train_dir(layer)):
+            remove_stale_temporaries(Path(output))
 
 
 def main(argv: list[str]) -> None:
@@ -83,6 +108,20 @@ def main(argv: list[str]) -> None:
     layer = arguments.parse_args(argv).layer
     params = load_params()
     device = resolve_device(params.device)
+    world = World.from_env()
+    if world is None and params.train.processes > 1:  # not a rank yet: start the ranks
+        distributed.check(params.train.processes, device)
+        launch(layer, params.train.processes)
+        return
+    world = world or World()  # under torchrun its world size rules, whatever train.processes says
+    distributed.check(world.local_size, device)
+    device = distributed.rank_device(device, world)
+    with distributed.process_group(world, device):
+        train_rank(layer, params, world, device)
+
+
+def train_rank(layer: str, params: Params, world: World, device: torch.device) -> None:
+    """Train as `world`'s rank (a single process is rank 0 of 1); rank 0 writes the outputs."""
     fused.enable(params.train.fused_conv)
     settings = params.train.model_copy(
         update={"precision": resolve_precision(params.train.precision, device)}
@@ -95,21 +134,27 @@ def main(argv: list[str]) -> None:
     )
     torch.manual_seed(params.train.seed)
     model = place(FCN(ModelSpec.of(layer, params.model.model_dump())), device, params.train.channels_last)
+    trained = distributed.wrap(model, world, device)
     started = time.perf_counter()
+    if not world.main:  # trains its shards and writes nothing
+        train(trained, train_data, val_data, settings, NoLog(), settings.val_every, settings.batch_size)
+        return
     with atomic_outputs(registry.model_path(layer), registry.train_dir(layer)) as (model_path, live_dir):
         with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
             log, every = LiveLog(live), settings.val_every
-            result = train(model, train_data, val_data, settings, log, every, settings.batch_size)
-            live.summary.update(summary(result, model, started, device, settings.precision))
+            result = train(trained, train_data, val_data, settings, log, every, settings.batch_size)
+            live.summary.update(summary(result, model, started, device, settings.precision, world.size))
         save_model(model, model_path)
+    ranks = f" x {world.size} processes" if world.size > 1 else ""
     logger.info(
-        "%s: %d steps, train loss %.4f, val mIoU %.3f, %.0f img/s on %s in %s",
+        "%s: %d steps, train loss %.4f, val mIoU %.3f, %.0f img/s on %s%s in %s",
         layer,
         result.steps,
         result.final_train_loss,
         result.validations[-1][1]["miou"],
         result.images_per_second,
         device,
+        ranks,
         settings.precision,
     )
 

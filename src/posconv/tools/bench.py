@@ -1,6 +1,6 @@
 """Benchmarks that print ratios measured within one run.
 
-`python -m posconv.tools.bench {layers,generate,train}`; `layers` is the `bench_layers` stage of
+`python -m posconv.tools.bench {layers,generate,train,families}`; `layers` is the `bench_layers` stage of
 `study/dvc.yaml` and writes `metrics/bench_layers.json`, which the report reads.
 """
 
@@ -25,12 +25,15 @@ from dvclive import Live
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from posconv import fused
+from posconv import distributed, fused
 from posconv.cli import parser, run
 from posconv.config import TrainParams, load_params
 from posconv.data import write_scenes
+from posconv.deform import deform_conv2d, deform_conv2d_unfold
+from posconv.distributed import World
 from posconv.engine import (
     LabelledImages,
+    NoLog,
     autocast,
     make_optimizer,
     place,
@@ -41,11 +44,22 @@ from posconv.engine import (
     train,
     train_step,
 )
+from posconv.errors import BadInput
+from posconv.involution import involution, involution_unfold
 from posconv.io import write_json
 from posconv.layers import make_conv
 from posconv.model import FCN, ModelSpec
 from posconv.plots import save_preview
-from posconv.registry import BASELINE, BENCH_LAYERS, LAYERS, N_CLASSES
+from posconv.registry import (
+    BASELINE,
+    BENCH_LAYERS,
+    CONTENT_ADAPTIVE,
+    DEFORM,
+    INVOLUTION,
+    LAYERS,
+    N_CLASSES,
+    VANILLA,
+)
 from posconv.scenes import draw_scenes, image_stream
 from posconv.stages.train import LiveLog
 
@@ -256,6 +270,48 @@ def _stage_loop(model: nn.Module, params: TrainParams, data: LabelledImages, liv
         ).images_per_second
 
 
+def _rank_loop(
+    spec: ModelSpec, params: TrainParams, images: Any, labels: Any, device_name: str, fused_on: bool
+) -> float:
+    """Images/s of `train` in this process, alone or as a DDP rank (run by `distributed.launch`; the
+    ranks' figures are the same global batches' rate). The process group, the threads per rank and
+    the wrapping are the train stage's; the log is nothing, validation only after the last step."""
+    world = World.from_env() or World()
+    device = distributed.rank_device(torch.device(device_name), world)
+    fused.enable(fused_on)
+    with distributed.process_group(world, device):
+        data = LabelledImages.from_arrays(images, labels, device)
+        few = LabelledImages(data.images[:2], data.labels[:2])  # validation is timed apart by train()
+        torch.manual_seed(params.seed)
+        model = distributed.wrap(place(FCN(spec), device, params.channels_last), world, device)
+        result = train(model, data, few, params, NoLog(), val_every=10**9, val_batch_size=2)
+        return result.images_per_second
+
+
+def _processes_rates(
+    spec: ModelSpec, params: TrainParams, scenes: Any, device: torch.device, processes: int
+) -> dict[str, float] | str:
+    """The stage loop's images/s as 1 process with all its threads ("1"), as 1 process with a rank's
+    threads ("1 narrow": what the ranks gain from fewer threads alone) and as `processes` DDP ranks
+    (launched; `distributed.threads_per_rank` threads each), or why the ranks cannot run here."""
+    try:
+        distributed.check(processes, device)
+        if params.batch_size % processes:
+            raise BadInput(f"train.batch_size = {params.batch_size} is not divisible by {processes}")
+    except BadInput as reason:
+        return str(reason)
+    args = (spec, params, scenes.images, scenes.labels, str(device), fused.enabled())
+    rates = {"1": _rank_loop(*args)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(distributed.threads_per_rank(World(local_size=processes)))
+    try:
+        rates["1 narrow"] = _rank_loop(*args)
+    finally:
+        torch.set_num_threads(threads)
+    rates[str(processes)] = distributed.launch(_rank_loop, args, processes)[0]
+    return rates
+
+
 def flops_per_image(spec: ModelSpec, params: TrainParams, data: LabelledImages) -> float:
     """Forward and backward FLOPs of one training image, counted by PyTorch.
 
@@ -286,9 +342,13 @@ def peak_flops(device: torch.device, dtype: torch.dtype, quick: bool) -> float:
     return 2 * n**3 / best
 
 
+_PROCESSES = 2  # DDP ranks timed against one process
+
+
 def bench_train(args: argparse.Namespace) -> None:
-    """Training throughput per layer in fp32 and bf16 against the machine's peak, and the stage's own
-    loop against a bare loop, all interleaved in one run on params.yaml's model and train settings."""
+    """Training throughput per layer in fp32 and bf16 against the machine's peak, the stage's own
+    loop against a bare loop, and the stage loop as 1 process against 2 DDP ranks, all interleaved in
+    one run on params.yaml's model and train settings."""
     params = load_params()
     device = resolve_device(params.device)
     fused.enable(params.train.fused_conv)
@@ -300,6 +360,8 @@ def bench_train(args: argparse.Namespace) -> None:
     specs = {layer: ModelSpec.of(layer, params.model.model_dump()) for layer in LAYERS}
     runs = [(layer, precision) for layer in LAYERS for precision in _PRECISIONS]
     rates: dict[tuple[str, str], list[float]] = {run: [] for run in runs} | {("stage", ""): []}
+    by_processes: dict[str, list[float]] = {}
+    no_ranks = ""  # why the ranks cannot run here, if they cannot
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(1 if args.quick else 3):
             for layer, precision in runs:  # a fresh model each time: every run starts from the same state
@@ -308,6 +370,12 @@ def bench_train(args: argparse.Namespace) -> None:
                 rates[layer, precision].append(_bare_loop(model, settings, data, steps))
             model = place(FCN(specs[params.layer]), device, params.train.channels_last)
             rates["stage", ""].append(_stage_loop(model, one_epoch, data, Path(tmp) / str(repeat)))
+            measured = _processes_rates(specs[params.layer], one_epoch, scenes, device, _PROCESSES)
+            if isinstance(measured, str):
+                no_ranks = measured
+            else:
+                for name, value in measured.items():
+                    by_processes.setdefault(name, []).append(value)
     rate = {run: statistics.median(values) for run, values in rates.items()}
     peaks = {precision: peak_flops(device, dtype, args.quick) for precision, dtype in _PRECISIONS.items()}
     print(
@@ -330,9 +398,108 @@ def bench_train(args: argparse.Namespace) -> None:
         f"  stage loop ({params.layer}, {default}): {stage:.1f} img/s, bare loop {bare:.1f} img/s, "
         f"stage/bare = {stage / bare:.3f} (target >= 0.90)"
     )
+    head = f"  processes ({params.layer}, {default}, stage loop): "
+    if no_ranks:
+        print(f"{head}{_PROCESSES} not run: {no_ranks}")
+        return
+    median = {name: statistics.median(values) for name, values in by_processes.items()}
+    alone, narrow, ranks = median["1"], median["1 narrow"], median[str(_PROCESSES)]
+    per_rank = distributed.threads_per_rank(World(local_size=_PROCESSES))
+    print(
+        f"{head}1 x {torch.get_num_threads()} threads {alone:.1f} img/s, "
+        f"{_PROCESSES} DDP x {per_rank} thread(s) {ranks:.1f} img/s, {_PROCESSES}/1 = {ranks / alone:.2f}x; "
+        f"1 x {per_rank} thread(s) {narrow:.1f} img/s, {_PROCESSES} DDP/that = {ranks / narrow:.2f}x"
+    )
 
 
-BENCHMARKS = {"layers": bench_layers, "generate": bench_generate, "train": bench_train}
+# ---- families ----
+
+_FAMILY_LAYERS = (VANILLA, *CONTENT_ADAPTIVE)
+
+
+def _saved_mib(step: Callable[[], torch.Tensor]) -> float:
+    """MiB that autograd keeps for the backward of `step()`, each storage once: what a formulation costs
+    in memory beyond its inputs and output during training, the same on every run and device."""
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        step()
+    return sum(storages.values()) / 2**20
+
+
+def _time_interleaved(steps: dict[str, Callable[[], torch.Tensor]], reps: int) -> dict[str, list[float]]:
+    """Forward+backward seconds of each step, the order rotating every repetition."""
+    names, times = list(steps), {name: [] for name in steps}
+    for rep in range(reps + 1):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            start = time.perf_counter()
+            steps[name]().sum().backward()
+            if rep:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _family_steps(channels: int, size: int, batch: int, memory_format: torch.memory_format) -> dict:
+    """Forward+backward closures: nn.Conv2d, each content-adaptive layer, and its two formulations on
+    the same operands (the fast one and the textbook unfold one)."""
+    torch.manual_seed(0)
+    shape = dict(in_channels=channels, out_channels=channels, kernel_size=3, padding=1)
+    layers = {name: make_conv(name, **shape).to(memory_format=memory_format) for name in _FAMILY_LAYERS}
+    with torch.no_grad():  # offsets and masks away from their zero start, as after some training
+        for parameter in layers[DEFORM].offset_conv.parameters():
+            parameter.uniform_(-0.05, 0.05)
+    x = torch.randn(batch, channels, size, size).contiguous(memory_format=memory_format)
+    x.requires_grad_(True)
+    involution_layer, deform_layer = layers[INVOLUTION], layers[DEFORM]
+    kernel = involution_layer.span(torch.relu(involution_layer.reduce(x))).detach().requires_grad_(True)
+    geometry = dict(kernel_size=3, padding=1)
+    raw = deform_layer.offset_conv(x).detach()
+    taps = 9
+    offset, mask = raw[:, : 2 * taps].requires_grad_(True), (2 * torch.sigmoid(raw[:, 2 * taps :])).detach()
+    mask.requires_grad_(True)
+    weight = deform_layer.weight.detach().requires_grad_(True)
+    operands = dict(weight=weight, bias=None, padding=1, mask=mask)
+    steps = {name: partial(layer, x) for name, layer in layers.items()}
+    steps |= {
+        "involution op": lambda: involution(x, kernel, **geometry),
+        "involution op, unfold": lambda: involution_unfold(x, kernel, **geometry),
+        "deform op": lambda: deform_conv2d(x, offset, **operands),
+        "deform op, unfold": lambda: deform_conv2d_unfold(x, offset, **operands),
+    }
+    return steps
+
+
+def bench_families(args: argparse.Namespace) -> None:
+    """Involution and deformable convolution: forward+backward time and saved memory against nn.Conv2d,
+    and their fast formulations against the textbook unfold ones, measured in one run."""
+    channels, size, batch, reps = (4, 8, 2, 2) if args.quick else (16, 64, 8, 20)
+    print(
+        f"{channels}->{channels} channels, {size}x{size}, batch {batch}, 3x3, float32, {reps} reps (median)"
+    )
+    print(f"{'mem':<5}{'case':<24}{'ms':>9}{'x conv2d':>10}{'x unfold':>10}{'saved MiB':>10}")
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        steps = _family_steps(channels, size, batch, memory_format)
+        times = {name: statistics.median(seconds) for name, seconds in _time_interleaved(steps, reps).items()}
+        for name, seconds in times.items():
+            unfold = times.get(f"{name}, unfold")
+            print(
+                f"{_FORMAT_NAMES[memory_format]:<5}{name:<24}{1e3 * seconds:>9.2f}"
+                f"{seconds / times[VANILLA]:>9.2f}x{(f'{seconds / unfold:.2f}x' if unfold else '-'):>10}"
+                f"{_saved_mib(steps[name]):>10.2f}"
+            )
+
+
+BENCHMARKS = {
+    "layers": bench_layers,
+    "generate": bench_generate,
+    "train": bench_train,
+    "families": bench_families,
+}
 
 
 def main(argv: list[str]) -> None:
