@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from test_layers import _forward_and_grads
 from torch import nn
 
 from posconv.deform import CoordDeformConv2d, DeformConv2d, deform_conv2d, deform_conv2d_unfold
@@ -447,15 +448,6 @@ def test_at_init_gradients_are_the_plain_convolutions() -> None:
 
 
 # ---- layouts and precision ----
-
-
-def _forward_and_grads(module: Any, x: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The output, then the gradients of a random projection of it w.r.t. the input and `params`."""
-    x = x.detach().requires_grad_()
-    y = module(x)
-    weights = torch.randn(y.shape, generator=_generator(1), dtype=F64)
-    weights = torch.empty_like(y).copy_(weights)  # y's dtype and memory layout, as a real upstream gradient
-    return [y, *torch.autograd.grad((y * weights).sum(), [x, *params])]
 
 
 @pytest.mark.parametrize(("h", "w", "kwargs"), LAYER_GEOMETRIES[:3], ids=LAYER_IDS[:3])

@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from test_train import set_params
 
 from posconv.config import parse_params
 from posconv.errors import BadInput
@@ -33,14 +34,6 @@ TORCHRUN = ("python", "-m", "torch.distributed.run", "--standalone", "--nproc-pe
 # in the noise's direction, a difference of lr x steps that says nothing about DDP.
 WEIGHTS_ATOL = 1e-4
 LOSS_RTOL = 1e-5
-
-
-def set_params(project: Path, **groups: dict) -> None:
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for group, values in groups.items():
-        params[group].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture

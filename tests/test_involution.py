@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_layers import _forward_and_grads
 from torch import nn
 
 from posconv.involution import (
@@ -71,15 +72,6 @@ def _layer(
 def _input(geometry: tuple, dtype: torch.dtype = torch.float64, batch: int = 2) -> torch.Tensor:
     c_in, _, h, w, _ = geometry
     return torch.randn(batch, c_in, h, w, generator=torch.Generator().manual_seed(2), dtype=dtype)
-
-
-def _forward_and_grads(module: Any, x: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The output, then the gradients of a random projection of it w.r.t. the input and `params`."""
-    x = x.detach().requires_grad_()
-    y = module(x)
-    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    weights = torch.empty_like(y).copy_(weights)  # y's dtype and memory layout, as a real upstream gradient
-    return [y, *torch.autograd.grad((y * weights).sum(), [x, *params])]
 
 
 # ---- an independent reference: explicit loops over (b, c, i, j, u, v) in float64 ----
