@@ -17,7 +17,7 @@ TINY = {  # a pipeline that runs in seconds on a CPU
     "generate": {"size": 32, "images": 48},
     "model": {"width": 4},
     "train": {"epochs": 1, "batch_size": 8, "val_every": 2},
-    "evaluate": {"examples": 2},
+    "evaluate": {"examples": 2, "sizes": [24, 40], "equivariance_images": 4},
     "check": {"min_miou": 0.0, "min_position_recall": 0.0},
 }
 
@@ -32,7 +32,7 @@ def deep_update(data: dict, changes: dict) -> dict:
 def project(tmp_path: Path) -> Path:
     """The project's pipeline files and sources in a fresh git repo with tiny params, committed."""
     inputs = ("metrics/study.json", "metrics/bench_layers.json")  # committed inputs of the report stage
-    for name in ("src", ".dvc", "dvc.yaml", ".dvcignore", ".gitignore", *inputs):
+    for name in ("src", ".dvc", "dvc.yaml", "families", ".dvcignore", ".gitignore", *inputs):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(
@@ -78,6 +78,7 @@ def checkout(tmp_path: Path) -> Path:
         ".dvc",
         "dvc.yaml",
         "dvc.lock",
+        "families",
         "study",
         "params.yaml",
         ".dvcignore",

@@ -66,6 +66,21 @@ def test_committed_params_load_typed() -> None:
         ("check.min_miou", float("nan"), "check.min_miou = nan: expected a finite number"),
         ("check.min_miou", 1.5, "check.min_miou = 1.5: expected a value <= 1.0"),
         ("model", 3, "model: expected a mapping of keys, found 3"),
+        ("model.coords_per_input", 1, "model.coords_per_input = 1: expected true or false"),
+        ("families.placement", "deep", "families.placement = 'deep': expected one of encoder, all, first"),
+        ("evaluate.sizes", 96, "evaluate.sizes = 96: expected a list"),
+        ("evaluate.sizes", [96, 98], "evaluate.sizes.1 = 98: expected a multiple of 4"),
+        ("evaluate.sizes", [96, 96], "evaluate.sizes = [96, 96]: expected each value once"),
+        ("evaluate.shifts", [0], "evaluate.shifts.0 = 0: expected a value >= 1"),
+        ("evaluate.shifts", [128], "evaluate.shifts: 128 px: expected < generate.size = 128"),
+        ("evaluate.scales", [float("nan")], "evaluate.scales.0 = nan: expected a finite number"),
+        ("evaluate.scales", [0.01], "evaluate.scales: 0.01: rescales generate.size = 128 below 8 px"),
+        ("evaluate.equivariance_images", 0, "evaluate.equivariance_images = 0: expected a value >= 1"),
+        (
+            "check.min_transfer_position_recall",
+            2,
+            "check.min_transfer_position_recall = 2: expected a value <= 1.0",
+        ),
     ],
 )
 def test_bad_params_name_the_key(path: str, value: object, message: str) -> None:

@@ -87,3 +87,24 @@ def test_a_map_first_made_in_inference_mode_is_a_normal_tensor() -> None:
 def test_unknown_convention() -> None:
     with pytest.raises(ValueError, match="centered, seed"):
         check_convention("polar")
+
+
+def test_centered_coordinates_mean_the_same_place_at_every_image_side() -> None:
+    """Transfer (evaluate.sizes): a centered coordinate is a place relative to the image, X = 2u - 1
+    at relative position u. Averaging a 2x larger image's map over 2x2 blocks gives the smaller map
+    exactly, for the input and for a deeper layer after a 2x2 pool (the FCN's 1/2-resolution convs)."""
+    for small in (48, 96):
+        fine, coarse = (pixel_coords(n, "centered", dtype=torch.float64) for n in (2 * small, small))
+        torch.testing.assert_close(fine.view(-1, 2).mean(1), coarse, rtol=0, atol=1e-15)
+        conv = ((3, 3), (1, 1), (1, 1), (1, 1), "centered", CPU, torch.float64)  # a 3x3 "same" conv
+        deeper = output_grid((small, small), (small, small), *conv)
+        larger = output_grid((2 * small,) * 2, (2 * small,) * 2, *conv)
+        pooled = torch.nn.functional.avg_pool2d(larger[None], 2)[0]
+        torch.testing.assert_close(pooled, deeper, rtol=0, atol=1e-15)
+
+
+def test_seed_coordinates_drift_by_less_than_a_pixel_between_image_sides() -> None:
+    """The seed's i / (W - 1) is relative too, but not block-consistent: off by at most 1/(W - 1)."""
+    fine, coarse = (pixel_coords(n, "seed", dtype=torch.float64) for n in (192, 96))
+    drift = (fine.view(-1, 2).mean(1) - coarse).abs().max().item()
+    assert 0 < drift <= 1 / 95

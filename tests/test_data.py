@@ -15,6 +15,7 @@ from posconv.data import (
     LABELS,
     OWNERS,
     class_pixel_counts,
+    draw_unseen,
     load_labelled_npz,
     load_labels,
     load_scenes,
@@ -152,3 +153,17 @@ def test_labelled_npz_is_checked(tmp_path: Path) -> None:
     np.savez(tmp_path / "partial.npz", images=images)
     with pytest.raises(BadInput, match="expected arrays images, labels, found images"):
         load_labelled_npz(tmp_path / "partial.npz")
+
+
+def test_unseen_scenes_are_the_same_scenes_at_every_size_and_not_in_the_data_set() -> None:
+    """Transfer data: ids after the data set's, drawn by the same rules; circle places, sizes and classes
+    scale with the image, so 96 and 192 px show one set of scenes at two resolutions."""
+    small, small_ids = draw_unseen(seed=3, images=40, n=5, size=96)
+    large, large_ids = draw_unseen(seed=3, images=40, n=5, size=192)
+    assert small_ids.tolist() == large_ids.tolist() == [40, 41, 42, 43, 44]
+    for column in ("cx", "cy", "radius"):
+        np.testing.assert_allclose(small.circles[column] / 96, large.circles[column] / 192)
+    assert small.circles["label"].tolist() == large.circles["label"].tolist()
+    assert large.images.shape == (5, 192, 192, 3) and small.labels.shape == (5, 96, 96)
+    data_set = draw_scenes(45, 96, image_stream(3, 0))
+    np.testing.assert_array_equal(data_set.images[40:], small.images)  # the stream's next images

@@ -164,6 +164,12 @@ GATE_CASES = [  # (case, edit of the committed project, exit code, fragment of t
         "is about 'coordbias'",
     ),
     (
+        "transfer below its threshold",
+        replace_in("params.yaml", "min_transfer_position_recall: ", "min_transfer_position_recall: 0.999 #"),
+        1,
+        "FAIL position_recall_at_96 of coordbias",
+    ),
+    (
         "code changed after the run",
         append("src/posconv/reporting.py", "# edited\n"),
         1,

@@ -17,7 +17,6 @@ from posconv.involution import (
     CoordInvolution2d,
     Involution2d,
     involution,
-    involution_unfold,
     parameter_count,
 )
 
@@ -227,9 +226,9 @@ def test_shifted_products_equal_the_unfold_formulation(geometry: tuple, channels
     if channels_last:
         x, kernel = (t.contiguous(memory_format=torch.channels_last) for t in (x, kernel))
     results = []
-    for form in (involution, involution_unfold):
+    for form in ("fast", "unfold"):
         k = kernel.clone().requires_grad_()
-        results.append(_forward_and_grads(lambda t, f=form, k=k: f(t, k, **options), x, [k]))
+        results.append(_forward_and_grads(lambda t, f=form, k=k: involution(t, k, **options, form=f), x, [k]))
     for got, expected in zip(*results, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert results[0][0].is_contiguous(memory_format=torch.channels_last) == channels_last
@@ -471,9 +470,23 @@ def test_the_functional_form_checks_its_kernel() -> None:
     with pytest.raises(ValueError, match=r"kernel of shape \(1, 9, 4, 4\).*expected \(B, G\*9, 6, 6\)"):
         involution(x, torch.randn(1, 9, 4, 4), 3, padding=1)
     with pytest.raises(ValueError, match="G dividing the 4 channels"):
-        involution_unfold(x, torch.randn(1, 27, 6, 6), 3, padding=1)
+        involution(x, torch.randn(1, 27, 6, 6), 3, padding=1, form="unfold")
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):
         Involution2d(4, 4, 3, dilation=4)(x)
+    with pytest.raises(ValueError, match="form = 'loops': expected one of fast, unfold"):
+        involution(x, torch.randn(1, 36, 6, 6), 3, padding=1, form="loops")  # type: ignore[arg-type]
+
+
+def test_the_two_forms_add_the_bias_alike() -> None:
+    generator = torch.Generator().manual_seed(5)
+    x, kernel, bias = (
+        torch.randn(*shape, generator=generator, dtype=torch.float64)
+        for shape in [(2, 4, 6, 5), (2, 18, 3, 3), (4,)]
+    )
+    fast = involution(x, kernel, 3, stride=2, padding=1, bias=bias)
+    unfold = involution(x, kernel, 3, stride=2, padding=1, bias=bias, form="unfold")
+    torch.testing.assert_close(fast, unfold, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(fast, involution(x, kernel, 3, stride=2, padding=1))
 
 
 # ---- parameter count ----

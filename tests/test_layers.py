@@ -39,15 +39,18 @@ GEOMETRIES: list[tuple[int, int, dict[str, Any]]] = [
     (10, 9, dict(kernel_size=3, stride=2, padding=(2, 1), dilation=2, groups=2, bias=False)),
 ]
 IDS = [f"{h}x{w}-" + "-".join(f"{k}={v}" for k, v in kw.items()) for h, w, kw in GEOMETRIES]
+PER_INPUT = "coordbias-per-input"  # the seed's original coordbias (coords_per_input=True), for `_layer`
+AWARE = ["coordbias", PER_INPUT, "coordconv"]  # the layers with a cached position term
 
 
 def _layer(
     name: str, kwargs: dict[str, Any], dtype: torch.dtype = torch.float64, **options: Any
 ) -> nn.Conv2d:
-    """Layer `name`, given those of `options` it takes."""
+    """Layer `name` (or PER_INPUT), given those of `options` it takes."""
     torch.manual_seed(0)
+    name, fixed = ("coordbias", {"coords_per_input": True}) if name == PER_INPUT else (name, {})
     own = {key: value for key, value in options.items() if key in LAYER_OPTIONS[name]}
-    return make_conv(name, 4, 6, dtype=dtype, **own, **kwargs)
+    return make_conv(name, 4, 6, dtype=dtype, **own, **fixed, **kwargs)
 
 
 def _randomise(layer: nn.Module) -> nn.Module:
@@ -115,16 +118,18 @@ def _kernel_centre_coords(in_size: int, out_size: int, layer: nn.Conv2d, axis: i
 
 
 def _loop_reference(layer: CoordBias2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x) + a_c*X + b_c*Y, the position term summed pixel by pixel."""
+    """conv(x) + sum_i (a_ci*X + b_ci*Y), the position term summed pixel by pixel and pair by pair: one
+    (X, Y) pair per input channel i in the seed's original form, one in all in the reduced form."""
     plain = _plain(layer, layer.in_channels, layer.out_channels, layer.groups)
     conv = functional_call(plain, _weights(layer.weight, layer.bias), x)
     (h_in, w_in), (h, w) = x.shape[-2:], conv.shape[-2:]
     xs, ys = _kernel_centre_coords(w_in, w, layer, 1), _kernel_centre_coords(h_in, h, layer, 0)
     if layer.coords == "seed":
         xs, ys = _pixel_coords(w, "seed"), _pixel_coords(h, "seed")
-    a, b = layer.coord_bias.unbind(1)
+    pairs = layer.coord_bias.view(layer.out_channels, -1, 2)  # (C_out, C_in/groups or 1, 2)
     term = [
-        [[a[c] * xs[j] + b[c] * ys[i] for j in range(w)] for i in range(h)] for c in range(layer.out_channels)
+        [[sum(a * xs[j] + b * ys[i] for a, b in pairs[c]) for j in range(w)] for i in range(h)]
+        for c in range(layer.out_channels)
     ]
     return conv + torch.stack([torch.stack([torch.stack(row) for row in plane]) for plane in term])
 
@@ -159,6 +164,9 @@ def test_factory_builds_every_registered_layer_with_its_own_options() -> None:
     conv = make_conv("coordconv", 3, 5, (3, 5), coords="seed", with_r=True, **shape)
     assert isinstance(conv, CoordConv2d) and conv.coord_weight.shape == (5, 3, 3, 5) and conv.bias is None
     assert make_conv("coordconv", 3, 5, 3).coord_weight.shape == (5, 2, 3, 3)
+    per_input = make_conv("coordbias", 4, 6, 3, groups=2, coords_per_input=True)
+    assert isinstance(per_input, CoordBias2d) and per_input.coord_bias.shape == (6, 2, 2)
+    assert "coords_per_input=True" in repr(per_input) and "coords_per_input" not in repr(bias)
 
 
 @pytest.mark.parametrize("name", FACTORY_LAYERS)
@@ -186,6 +194,9 @@ def test_every_factory_layer_serves_as_the_encoders_convolution(name: str, tmp_p
         ("involution", dict(coords="seed"), "coords"),
         ("deform", dict(reduction=2), "reduction"),
         ("coorddeform", dict(with_r=True), "with_r"),
+        ("vanilla", dict(coords_per_input=True), "coords_per_input"),
+        ("coordconv", dict(coords_per_input=True), "coords_per_input"),
+        ("coorddeform", dict(coords_per_input=True), "coords_per_input"),
     ],
 )
 def test_factory_refuses_options_the_layer_does_not_take(name: str, options: dict, unused: str) -> None:
@@ -233,10 +244,11 @@ def test_coordconv_equals_concat_then_conv(h: int, w: int, kwargs: dict[str, Any
 
 @pytest.mark.parametrize(("h", "w", "kwargs"), GEOMETRIES, ids=IDS)
 @pytest.mark.parametrize("coords", ["centered", "seed"])
+@pytest.mark.parametrize("name", ["coordbias", PER_INPUT])
 def test_coordbias_equals_conv_plus_per_pixel_sum(
-    h: int, w: int, kwargs: dict[str, Any], coords: str
+    h: int, w: int, kwargs: dict[str, Any], coords: str, name: str
 ) -> None:
-    layer = _randomise(_layer("coordbias", kwargs, coords=coords))
+    layer = _randomise(_layer(name, kwargs, coords=coords))
     params = _parameters(layer)
     got = _forward_and_grads(layer, _input(h, w), params)
     expected = _forward_and_grads(lambda x: _loop_reference(layer, x), _input(h, w), params)
@@ -267,7 +279,7 @@ def test_coordbias_sits_on_the_input_pixel_under_the_kernel_centre(h: int, w: in
     assert inside.any()
 
 
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("name", AWARE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_zero_coordinate_parameters_equal_vanilla_exactly(
@@ -287,6 +299,72 @@ def test_zero_coordinate_parameters_equal_vanilla_exactly(
         assert torch.equal(layer(x), vanilla(x)), kwargs
 
 
+# ---- the seed's original coordbias: one (X, Y) pair per output and input channel ----
+
+
+def _coordinate_count(layer: nn.Module) -> int:
+    """The parameters beyond nn.Conv2d's weight and bias."""
+    return sum(p.numel() for key, p in layer.named_parameters() if key not in ("weight", "bias"))
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "groups"), [(3, 16, 1), (16, 32, 1), (4, 6, 2), (8, 8, 8)])
+def test_per_input_coordbias_has_a_pair_per_input_and_output_channel(
+    c_in: int, c_out: int, groups: int
+) -> None:
+    per_input = make_conv("coordbias", c_in, c_out, 3, groups=groups, coords_per_input=True)
+    assert _coordinate_count(per_input) == 2 * (c_in // groups) * c_out
+    assert _coordinate_count(make_conv("coordbias", c_in, c_out, 3, groups=groups)) == 2 * c_out
+
+
+@pytest.mark.parametrize(("width", "per_input", "reduced"), [(16, 15_968, 448), (64, 254_336, 1_792)])
+def test_encoder_coordinate_parameters_of_the_two_forms(width: int, per_input: int, reduced: int) -> None:
+    """Over the encoder's six convolutions (their shapes read off the FCN), 2*sum(C_in*C_out) numbers
+    per input against 2*sum(C_out) reduced."""
+    w = width
+    shapes = [(3, w), (w, w), (w, 2 * w), (2 * w, 2 * w), (2 * w, 4 * w), (4 * w, 4 * w)]
+    encoder = FCN(ModelSpec("vanilla", width=w)).encoder
+    assert [(m.in_channels, m.out_channels) for m in encoder.modules() if isinstance(m, nn.Conv2d)] == shapes
+    assert 2 * sum(c_in * c_out for c_in, c_out in shapes) == per_input
+    for form, total in ((True, per_input), (False, reduced)):
+        layers = [make_conv("coordbias", *shape, 3, padding=1, coords_per_input=form) for shape in shapes]
+        assert sum(map(_coordinate_count, layers)) == total
+
+
+@pytest.mark.parametrize(("groups", "bias"), [(1, True), (4, False)])
+def test_per_input_coordbias_is_drawn_as_the_source_after_the_kernel(groups: int, bias: bool) -> None:
+    """U(±1/sqrt(fan_in)), fan_in = (C_in/groups)*kH*kW as for the kernel, drawn after the kernel: its
+    weight and bias are nn.Conv2d's of the same seed. reset_parameters draws it anew."""
+    bound = 1 / math.sqrt(16 // groups * 9)
+    torch.manual_seed(3)
+    vanilla = nn.Conv2d(16, 32, 3, groups=groups, bias=bias)
+    expected = torch.empty(32, 16 // groups, 2).uniform_(-bound, bound)
+    torch.manual_seed(3)
+    layer = make_conv("coordbias", 16, 32, 3, groups=groups, bias=bias, coords_per_input=True)
+    assert all(torch.equal(layer.state_dict()[key], v) for key, v in vanilla.state_dict().items())
+    assert torch.equal(layer.coord_bias, expected)
+    first = layer.coord_bias.detach().clone()
+    layer.reset_parameters()
+    assert not torch.equal(layer.coord_bias, first)
+    for coord_bias in (first, layer.coord_bias):
+        assert 0.8 * bound < coord_bias.abs().max() <= bound
+
+
+@pytest.mark.parametrize(("h", "w", "kwargs"), GEOMETRIES, ids=IDS)
+def test_per_input_coordbias_is_the_reduced_form_with_its_inputs_summed(
+    h: int, w: int, kwargs: dict[str, Any]
+) -> None:
+    """The same function: the reduced layer given coord_bias.sum(1) has the same output and input
+    gradient, and every input channel's pair gets the reduced pair's gradient (the over-parametrisation)."""
+    per_input = _randomise(_layer(PER_INPUT, kwargs))
+    reduced = _layer("coordbias", kwargs)
+    reduced.load_state_dict(per_input.state_dict() | {"coord_bias": per_input.coord_bias.detach().sum(1)})
+    got = _forward_and_grads(per_input, _input(h, w), [per_input.coord_bias])
+    expected = _forward_and_grads(reduced, _input(h, w), [reduced.coord_bias])
+    expected[-1] = expected[-1][:, None].expand_as(got[-1])
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
 # ---- the seed's first open question ----
 
 
@@ -304,7 +382,7 @@ def test_behind_batchnorm_a_plain_bias_gets_no_gradient_but_the_coordinate_bias_
 # ---- dtypes, layouts, modes, compile, state dicts ----
 
 
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("name", AWARE)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_follows_float32(name: str, dtype: torch.dtype) -> None:
     layer = _randomise(_layer(name, dict(kernel_size=3, stride=2, padding=1), torch.float32))
@@ -324,7 +402,7 @@ BF16_TOLERANCE = 2e-2  # relative to the largest value: 8 mantissa bits (2^-8 = 
     "memory_format", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"]
 )
 @pytest.mark.parametrize(("h", "w", "kwargs"), GEOMETRIES, ids=IDS)
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("name", [*LAYERS, PER_INPUT])
 def test_bfloat16_autocast_follows_float64(
     h: int, w: int, kwargs: dict[str, Any], name: str, memory_format: torch.memory_format
 ) -> None:
@@ -344,7 +422,7 @@ def test_bfloat16_autocast_follows_float64(
         )
 
 
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("name", AWARE)
 def test_under_autocast_the_position_term_is_computed_in_float32(name: str) -> None:
     """With the convolution's weights and bias zero, the output is the position term alone: under
     bfloat16 autocast it is float64's term rounded once to bfloat16 (within half a bfloat16 ulp), which
@@ -370,7 +448,7 @@ def test_under_autocast_the_position_term_is_computed_in_float32(name: str) -> N
     assert not ((coarse.double() - expected).abs() <= half_ulp * (1 + 1e-6)).all()
 
 
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("name", AWARE)
 def test_channels_last_is_kept_and_gives_the_same_numbers(name: str) -> None:
     layer = _randomise(_layer(name, dict(kernel_size=3, stride=2, padding=1, padding_mode="reflect")))
     x = _input(10, 9)
@@ -383,7 +461,7 @@ def test_channels_last_is_kept_and_gives_the_same_numbers(name: str) -> None:
 
 
 @pytest.mark.parametrize(("h", "w", "kwargs"), GEOMETRIES, ids=IDS)
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("name", AWARE)
 @pytest.mark.skipif(not fused.available(), reason="this torch build lacks the fused oneDNN op")
 def test_the_fused_backend_where_it_applies_and_follows_float64(
     h: int, w: int, kwargs: dict[str, Any], name: str
@@ -406,7 +484,7 @@ def test_the_fused_backend_where_it_applies_and_follows_float64(
 
 
 @pytest.mark.skipif(not fused.available(), reason="this torch build lacks the fused oneDNN op")
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("name", AWARE)
 def test_fused_backend_gives_the_plain_paths_outputs_and_gradients_twice_over(name: str) -> None:
     """Same layer, same channels_last input, backend off then on: the same output, and the same
     gradients through a gradient penalty, which differentiates the layer twice."""
@@ -425,7 +503,7 @@ def test_fused_backend_gives_the_plain_paths_outputs_and_gradients_twice_over(na
         torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5 * off.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("name", AWARE)
 def test_at_batch_size_one_the_output_may_be_modified_in_place(name: str) -> None:
     """At batch 1 the term broadcast over the batch is already dense; the output must still be a tensor
     of its own, not a view, or autograd refuses an in-place op after the layer (ReLU(inplace=True))."""
@@ -440,7 +518,7 @@ def test_at_batch_size_one_the_output_may_be_modified_in_place(name: str) -> Non
     assert all(p.grad is not None for p in layer.parameters())
 
 
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("name", AWARE)
 def test_inference_mode_first_does_not_break_autograd_later(name: str) -> None:
     layer = _layer(name, dict(kernel_size=3, padding=1))
     x = _input(17, 13)  # a shape no other test uses, so the maps are first built in inference mode
@@ -463,6 +541,7 @@ def test_compiled_layers_match_eager() -> None:
     model = nn.Sequential(
         make_conv("coordbias", 4, 6, 3, padding=1),
         make_conv("coordconv", 6, 5, 3, stride=2, padding=1, padding_mode="reflect", with_r=True),
+        make_conv("coordbias", 5, 3, 3, padding=1, coords_per_input=True),
     )
     _randomise(model)
     x = _input(10, 9, torch.float32)
@@ -472,7 +551,7 @@ def test_compiled_layers_match_eager() -> None:
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("name", [*LAYERS, PER_INPUT])
 def test_state_dict_round_trip(name: str) -> None:
     layer = _randomise(_layer(name, dict(kernel_size=3, padding=1), coords="seed", with_r=True))
     buffer = io.BytesIO()
@@ -485,8 +564,16 @@ def test_state_dict_round_trip(name: str) -> None:
     assert torch.equal(fresh(x), layer(x))
 
 
+def test_the_two_coordbias_forms_refuse_each_others_state_dicts() -> None:
+    """The shape of coord_bias tells the forms apart: a checkpoint never loads into the other form."""
+    per_input, reduced = (_layer(name, dict(kernel_size=3)) for name in (PER_INPUT, "coordbias"))
+    for source, target in ((per_input, reduced), (reduced, per_input)):
+        with pytest.raises(RuntimeError, match="size mismatch for coord_bias"):
+            target.load_state_dict(source.state_dict())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("name", AWARE)
 def test_cuda_bfloat16_channels_last_follows_cpu(name: str) -> None:
     layer = _randomise(_layer(name, dict(kernel_size=3, padding=1, padding_mode="replicate"), torch.float32))
     x = _input(12, 10, torch.float32)
@@ -515,7 +602,7 @@ def test_constant_coordinates_make_coordbias_a_plain_bias() -> None:
     torch.testing.assert_close(term, expected[None, :, None, None].expand_as(term))
 
 
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("name", AWARE)
 def test_shuffled_coordinates_permute_the_position_term_anew_at_every_call(name: str) -> None:
     x = _input(6, 8)
     centred = _randomise(_layer(name, {"kernel_size": 3, "padding": 1}))
@@ -529,7 +616,7 @@ def test_shuffled_coordinates_permute_the_position_term_anew_at_every_call(name:
     assert not torch.allclose(first, reference) and not torch.allclose(first, second)
 
 
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("name", AWARE)
 def test_the_default_path_calls_no_private_op(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the private oneDNN op replaced by one that raises, the default layers still run, forward and
     backward, in the setting the fused backend would take."""
@@ -554,7 +641,7 @@ def test_switching_the_fused_backend_on_without_its_op_says_so_once(monkeypatch:
 
 
 @pytest.mark.parametrize(("h", "w", "kwargs"), GEOMETRIES[1:4:2], ids=IDS[1:4:2])
-@pytest.mark.parametrize("name", ["coordbias", "coordconv"])
+@pytest.mark.parametrize("name", ["coordbias", "coordconv"])  # not PER_INPUT: its extra sum(1) is autograd's
 def test_gradcheck(h: int, w: int, kwargs: dict[str, Any], name: str) -> None:
     """Finite differences in float64 agree with the layer's own backward, input and every parameter
     (on a striding, reflecting geometry and a "same"-padded, replicating one without bias)."""

@@ -62,7 +62,10 @@ def listed_sources(stage: dict) -> set[str]:
 def test_dvc_yaml_has_the_stages_and_lists_exactly_the_sources_each_reads() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages) == STAGES
-    for name, stage in stages.items():
+    families = yaml.safe_load((ROOT / "families/dvc.yaml").read_text())["stages"]
+    families["train"] = families["train"]["do"]
+    assert list(families) == ["train", "evaluate"]
+    for name, stage in [*stages.items(), *families.items()]:
         module = re.match(r"python -m (posconv\.stages\.\w+)", stage["cmd"]).group(1)
         assert listed_sources(stage) == sources(module), name
 

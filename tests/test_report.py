@@ -9,8 +9,7 @@ from test_study import fake_study
 
 from posconv.compare import headline
 from posconv.config import load_params
-from posconv.grid import spread
-from posconv.reporting import fmt, interval, layer_cost_section, render, study_section
+from posconv.reporting import fmt, judged, layer_cost_section, render, study_section
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("vanilla", "coordbias", "coordconv")
@@ -94,7 +93,9 @@ def test_report_numbers_come_from_the_metrics(gain: float, word: str) -> None:
     for row in study["comparisons"]:
         if row["quantity"] == "position_recall":
             cells = table_row(report, row["question"], "| position_recall |")
-            assert cells[2] == interval(row["a_spread"]) and cells[4] == interval(row["b_spread"])
+            variant, model = row["a"].split("/")
+            assert cells[2] == fmt(study["results"][variant][model]["position_recall"]["mean"])
+            assert cells[4:7] == [judged(row["all"]), row["A"]["verdict"], row["B"]["verdict"]]
     said = report.split("## What the numbers say")[1].split("##")[0]
     assert fmt(summary["position_recall"]["coordbias"]) in said
     assert "after 40 steps for `coordbias`, and not within its 60 steps for `vanilla`" in said
@@ -110,19 +111,24 @@ def test_headline_differences_and_ratios() -> None:
     assert summary["steps_to_position_recall_0_9"]["difference"] is None
 
 
-def test_intervals_say_which_seeds_missed_a_target() -> None:
-    assert interval(spread([3.0, 1.0, 2.0])) == "2.0000 [1.0000, 3.0000]"
-    assert interval(spread([110, None, 130], floors=[240] * 3)) == "110, 130; 1/3 not reached by step 240"
-    assert interval(spread([None] * 3, floors=[240] * 3)) == "3/3 not reached by step 240"
-
-
-def test_each_open_question_is_answered_in_one_line_from_its_intervals() -> None:
-    lines = study_section(fake_study()).splitlines()
+def test_each_question_is_answered_in_one_line_with_its_replicates() -> None:
+    study = fake_study()
+    lines = study_section(study).splitlines()
 
     def answer(question: str) -> str:
         return next(line for line in lines if line.startswith(f"- **{question}**"))
 
-    bn = answer("Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm")
-    assert "0.9100 [0.9000, 0.9200] against 0.5000 [0.4000, 0.6000], real: A higher" in bn
-    assert "41.0 [40, 42] against 3/3 not reached by step 60, real: A faster" in bn
-    assert answer("Q3 coordconv with r vs without").count("no real difference") == 2
+    rows = {(r["question"], r["quantity"]): r for r in study["comparisons"]}
+    question = "Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm"
+    bn = answer(question)
+    assert f"A - B {judged(rows[question, 'position_recall']['all'])}" in bn
+    assert "(replicates: A higher / A higher, replicated)" in bn
+    assert answer("Q3 coordbias vs coordconv").count("no real difference / no real difference") == 2
+    point = next(line for line in lines if line.startswith("- Open question 1, BatchNorm"))
+    assert "position recall **A higher**" in point
+
+
+def test_every_model_of_the_study_has_a_row() -> None:
+    section = study_section(fake_study())
+    for name in ("baseline/vanilla", "baseline/coordbias", "per_input/coordbias", "families/coorddeform"):
+        assert f"| `{name}` |" in section

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,44 +13,76 @@ from pathlib import Path
 import pytest
 
 from posconv.errors import BadInput
-from posconv.grid import SCALE, SEEDS, VARIANTS, aggregate, check_study, compare, spread
-from posconv.model import FCN, ModelSpec, count_parameters
-from posconv.registry import LAYERS
+from posconv.grid import (
+    ALL,
+    REPLICATES,
+    SEEDS,
+    T975,
+    VARIANTS,
+    aggregate,
+    check_study,
+    compare,
+    paired_interval,
+    quantities,
+    verdict,
+)
+from posconv.registry import CONTENT_ADAPTIVE, LAYERS
 from posconv.tools.experiments import Experiment, finished
-from posconv.tools.study import grid
+from posconv.tools.study import grid, metric_paths
+
+READERS = quantities([96], [8], [1.5])
+# position recall by model: coordbias and its first form learn position, the families with coordinates
+# too; vanilla and the content-adaptive layers alone do not; each seed adds jitter
+RECALL = {"vanilla": 0.45, "coordbias": 0.93, "coordconv": 0.93, "involution": 0.45, "deform": 0.45,
+          "coordinvolution": 0.9, "coorddeform": 0.9}  # fmt: skip
 
 
 def fake_run(variant: str, seed: int) -> dict:
-    """Metrics files of one experiment: coordbias learns position, vanilla does not, seeds add jitter."""
+    """Metrics files of one experiment, as its pipeline writes them."""
     files = {}
-    for model in LAYERS:
-        recall = 0.4 + 0.1 * seed if model == "vanilla" else 0.9 + 0.01 * seed
-        files[f"metrics/evaluate/{model}.json"] = {
-            "recall": [0.99, recall, recall, recall], "miou": recall - 0.1, "position_error_rate": 1 - recall,
-            "circle_accuracy": recall, "inference_images_per_s": 200.0,
+    for model in VARIANTS[variant].models:
+        recall = RECALL[model] + 0.01 * (seed % 3)
+        scores = {"recall": [0.99, recall, recall, recall], "miou": recall - 0.1}
+        evaluation, training = metric_paths(model)
+        files[evaluation] = {
+            **scores, "transfer": {"96": scores},
+            "equivariance": {"translation": {"8": 1 - recall}, "scale": {"1.5": 0.1}},
         }  # fmt: skip
-        files[f"metrics/train/{model}/metrics.json"] = {
-            "steps_to_position_recall_0_9": None if model == "vanilla" else 40 + seed, "steps": 60,
+        files[training] = {
+            "steps_to_position_recall_0_9": None if recall < 0.9 else 20 + seed, "steps": 60,
             "parameters": 100 if model == "vanilla" else 110, "train_images_per_s": 50.0,
         }  # fmt: skip
     return files
 
 
 def fake_study() -> dict:
-    results = aggregate({f"study-{v}-s{s}": fake_run(v, s) for v in VARIANTS for s in SEEDS})
-    cost = {"wall_s": 100.0, "cpu_s": 190.0}
-    return {"seeds": list(SEEDS), "scale": {"generate.size": 64}, "variants": VARIANTS,
-            "cost": cost, "results": results, "comparisons": compare(results)}  # fmt: skip
+    runs = {f"study-{v}-s{s}": fake_run(v, s) for v in VARIANTS for s in SEEDS}
+    results = aggregate(runs, READERS, metric_paths)
+    return {
+        "replicates": REPLICATES, "scale": {"generate.size": 64}, "cost": {"wall_s": 100.0, "cpu_s": 190.0},
+        "variants": {name: {"changes": v.changes, "models": v.models} for name, v in VARIANTS.items()},
+        "margins": {name: q.margin for name, q in READERS.items()},
+        "results": results, "comparisons": compare(results, READERS),
+    }  # fmt: skip
 
 
 def test_experiments_are_named_and_set_params_as_dvc_expects() -> None:
     experiments = {experiment.name: experiment for experiment in grid({"generate.size": 64})}
-    assert len(experiments) == len(VARIANTS) * len(SEEDS)
+    assert len(experiments) == len(VARIANTS) * len(SEEDS) and len(SEEDS) >= 10
     args = experiments["study-batchnorm-s2"].queue_args()
     assert args[:6] == ["exp", "run", "--queue", "-f", "-n", "study-batchnorm-s2"]
     assert args[6:-1:2] == ["-S"] * 4 and args[-1] == "evaluate"
     assert args[7:-1:2] == ["seed=2", "train.seed=2", "generate.size=64", "model.encoder_batchnorm=true"]
+    assert experiments["study-families-s7"].queue_args()[-1] == "families/dvc.yaml:evaluate"
     assert Experiment("x", {"a": 1.5}, "train_vanilla").queue_args()[-3:] == ["-S", "a=1.5", "train_vanilla"]
+    names = [e.name for e in grid({})]  # variant by variant: the run-cache serves later variants
+    assert names.index("study-baseline-s9") < names.index("study-per_input-s0")
+
+
+def test_the_replicates_are_disjoint_and_at_least_five_seeds_each() -> None:
+    first, second = REPLICATES.values()
+    assert len(first) >= 5 and len(second) >= 5 and not set(first) & set(second)
+    assert first + second == SEEDS
 
 
 def experiment(name: str, rev: str, timestamp: str | None, **extra: object) -> dict:
@@ -75,47 +108,86 @@ def test_finished_study_experiments_are_found_in_exp_show() -> None:
     assert finished(shown, since=since) == {"study-baseline-s0": "abc", "study-wide-s0": "0k"}
 
 
-def test_spread_floors_unreached_targets_by_their_run_length() -> None:
-    assert spread([3.0, 1.0, 2.0]) == {
-        "mean": 2.0,
-        "min": 1.0,
-        "max": 3.0,
-        "reached": 3,
-        "not_reached_by": None,
-        "values": [3.0, 1.0, 2.0],
-    }
-    partly = spread([30, None, 10], floors=[60, 60, 60])
-    assert (partly["mean"], partly["min"], partly["max"], partly["reached"]) == (None, 10, None, 2)
-    never = spread([None, None], floors=[50, 60])  # above 50 and above 60: at least above 50
-    assert (never["min"], never["max"], never["not_reached_by"]) == (50, None, 60)
-    assert spread([None, None])["min"] is None  # no floor: nothing is known
+def _t_density(x: float, df: int) -> float:
+    return math.exp(
+        math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - math.log(math.pi * df) / 2
+        - (df + 1) / 2 * math.log1p(x * x / df)
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("df", sorted(T975))
+def test_t_quantiles_leave_two_and_a_half_percent_above(df: int) -> None:
+    """Simpson's rule on Student's t density from 0 to the tabled quantile gives 0.475."""
+    q, n = T975[df], 20_000
+    h = q / n
+    inner = sum((4 if i % 2 else 2) * _t_density(i * h, df) for i in range(1, n))
+    area = h / 3 * (_t_density(0, df) + inner + _t_density(q, df))
+    assert area == pytest.approx(0.475, abs=2e-4)
+
+
+def test_paired_interval_by_hand() -> None:
+    mean, low, high = paired_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # sd sqrt(2.5), t(0.975, 4) = 2.776
+    half = 2.776 * math.sqrt(2.5) / math.sqrt(5)
+    assert (mean, low, high) == pytest.approx((3.0, 3.0 - half, 3.0 + half))
+    with pytest.raises(ValueError, match="expected 2 to"):
+        paired_interval([1.0])
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "mean", "expected"),
+    [
+        (0.10, 0.30, 0.20, "A higher"),
+        (-0.30, -0.10, -0.20, "A lower"),
+        (0.01, 0.05, 0.03, "undecided"),  # excludes 0 but smaller than the margin: not yet negligible
+        (-0.04, 0.04, 0.0, "no real difference"),
+        (0.01, 0.04, 0.025, "no real difference"),  # real but inside the margin: negligible
+        (-0.10, 0.30, 0.10, "undecided"),
+    ],
+)
+def test_the_verdict_rule(low: float, high: float, mean: float, expected: str) -> None:
+    assert verdict(low, high, mean, 0.05) == expected
+    assert verdict(low, high, mean, None) is None
 
 
 def test_results_and_verdicts_follow_the_metrics() -> None:
     study = fake_study()
     vanilla = study["results"]["baseline"]["vanilla"]["position_recall"]
-    assert vanilla["values"] == pytest.approx([0.4, 0.5, 0.6]) and vanilla["mean"] == pytest.approx(0.5)
+    assert vanilla["values"] == pytest.approx([0.45 + 0.01 * (s % 3) for s in SEEDS])
     rows = {(r["question"], r["quantity"]): r for r in study["comparisons"]}
-    versus_wide = rows[("Q2a parameters: coordbias vs vanilla widened past coordconv", "position_recall")]
-    assert versus_wide["separated"] and versus_wide["difference"] == pytest.approx(0.41)
-    same = rows[("Q3 coordconv with r vs without", "position_recall")]
-    assert not same["separated"] and same["difference"] == pytest.approx(0.0)
-    never = rows[("Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm", "steps_to_position_recall_0_9")]
-    assert never["difference"] is None and never["separated"]  # coordbias by step 42, vanilla not by 60
-    faster = rows[("Q3 coordbias vs coordconv", "steps_to_position_recall_0_9")]
-    assert faster["difference"] == pytest.approx(0.0) and not faster["separated"]
+    bn = rows[("Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm", "position_recall")]
+    assert bn["all"]["difference"] == pytest.approx(0.48) and bn["replicated"]
+    assert {bn[name]["verdict"] for name in (*REPLICATES, ALL)} == {"A higher"}
+    same = rows[("Q3 coordbias vs coordconv", "position_recall")]
+    assert same["all"]["verdict"] == "no real difference" and same["replicated"]
+    steps = rows[("Headline: coordbias vs vanilla", "steps_to_position_recall_0_9")]
+    assert study["results"]["baseline"]["vanilla"]["steps_to_position_recall_0_9"]["censored"] == len(SEEDS)
+    assert steps["all"]["verdict"] == "A lower"  # reached by step 20-29 against never within 60
+    family = rows[("Families: coordinvolution vs involution", "translation_error_8")]
+    assert family["all"]["difference"] == pytest.approx(-0.45) and family["all"]["verdict"] == "A lower"
+    assert rows[("Headline: coordbias vs vanilla", "parameters")]["all"]["verdict"] is None
 
 
-def test_widened_vanilla_has_more_parameters_than_coordconv_at_the_study_scale() -> None:
-    width = SCALE["model.width"]
-    wide = count_parameters(FCN(ModelSpec("vanilla", VARIANTS["wide"]["model.width"])))
-    assert wide > count_parameters(FCN(ModelSpec("coordconv", width, with_r=True)))
+def test_a_verdict_that_differs_between_replicates_is_not_replicated() -> None:
+    runs = {f"study-{v}-s{s}": fake_run(v, s) for v in VARIANTS for s in SEEDS}
+    for seed in REPLICATES["B"]:  # the second replicate: BatchNorm erases coordbias's gain
+        scores = runs[f"study-batchnorm-s{seed}"]["metrics/evaluate/coordbias.json"]
+        scores["recall"] = [0.99, 0.45, 0.45, 0.45 + 0.01 * seed]
+    results = aggregate(runs, READERS, metric_paths)
+    rows = {(r["question"], r["quantity"]): r for r in compare(results, READERS)}
+    bn = rows[("Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm", "position_recall")]
+    assert bn["A"]["verdict"] == "A higher" and bn["B"]["verdict"] != "A higher" and not bn["replicated"]
+
+
+def test_every_factory_layer_is_in_the_study() -> None:
+    studied = {model for variant in VARIANTS.values() for model in variant.models}
+    assert studied == set(LAYERS) | set(CONTENT_ADAPTIVE)
+    assert metric_paths("deform")[0] == "metrics/families/deform.json"
 
 
 def test_a_study_file_of_another_format_is_refused_in_one_line() -> None:
-    assert check_study(fake_study(), "study.json")["seeds"] == list(SEEDS)
+    assert check_study(fake_study(), "study.json")["replicates"] == REPLICATES
     older = fake_study()
-    del older["comparisons"][0]["a_spread"]["not_reached_by"]
+    del older["comparisons"][0]["replicated"]
     for bad in (older, [], {"comparisons": "none"}):
         with pytest.raises(BadInput, match=r"study\.json: not a study in this version's format"):
             check_study(bad, "study.json")

@@ -26,6 +26,8 @@ Count = Annotated[int, Field(ge=1, le=INT64_MAX)]
 Seed = Annotated[int, Field(ge=0, le=INT64_MAX)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 Threshold = Annotated[float, Field(ge=0.0, le=1.0)]
+Placement = Literal["encoder", "all", "first"]  # where a network's position-aware layers go
+ImageSide = Annotated[int, Field(ge=16, le=8192, multiple_of=4)]  # the noise cell is size/4
 
 
 class _Group(BaseModel):
@@ -33,7 +35,7 @@ class _Group(BaseModel):
 
 
 class GenerateParams(_Group):
-    size: Annotated[int, Field(ge=16, le=8192, multiple_of=4)]  # the noise cell is size/4
+    size: ImageSide
     images: Count
 
 
@@ -53,9 +55,14 @@ class SplitParams(_Group):
 class ModelParams(_Group):
     width: Annotated[int, Field(ge=2, le=4096, multiple_of=2)]  # the decoder ends at width/2
     encoder_batchnorm: bool
-    placement: Literal["encoder", "all", "first"]
+    placement: Placement
     coords: Literal["centered", "seed", "constant", "shuffled"]
     with_r: bool
+    coords_per_input: bool = False  # coordbias: the seed's first form, (C_out, C_in, 2) coordinate weights
+
+
+class FamiliesParams(_Group):
+    placement: Placement
 
 
 class TrainParams(_Group):
@@ -87,11 +94,24 @@ class EvaluateParams(_Group):
     batch_size: Count
     position_bins: Annotated[int, Field(ge=2, le=10_000)]
     examples: Count
+    sizes: list[ImageSide] = []  # other image sides the models are also scored at (transfer)
+    shifts: list[Annotated[int, Field(ge=1, le=4096)]] = []  # translation steps, pixels (equivariance)
+    scales: list[Annotated[float, Field(gt=0.0, le=8.0)]] = []  # rescaling factors (equivariance)
+    equivariance_images: Count = 32  # test images the equivariance errors are measured on
+
+    @model_validator(mode="after")
+    def _each_once(self) -> EvaluateParams:
+        for key in ("sizes", "shifts", "scales"):
+            values = getattr(self, key)
+            if len(set(values)) < len(values):
+                raise BadInput(f"evaluate.{key} = {values}: expected each value once")
+        return self
 
 
 class CheckParams(_Group):
     min_miou: Threshold
     min_position_recall: Threshold
+    min_transfer_position_recall: Threshold = 0.0  # at each of evaluate.sizes
 
 
 class Params(_Group):
@@ -102,6 +122,7 @@ class Params(_Group):
     split: SplitParams
     model: ModelParams
     train: TrainParams
+    families: FamiliesParams
     evaluate: EvaluateParams
     check: CheckParams
 
@@ -113,6 +134,17 @@ class Params(_Group):
                     f"generate.images = {self.generate.images}: too few for split {name} "
                     f"(split.val = {self.split.val:g}, split.test = {self.split.test:g} leave it no image)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _transformations_fit_the_images(self) -> Params:
+        size = self.generate.size
+        for shift in self.evaluate.shifts:
+            if shift >= size:
+                raise BadInput(f"evaluate.shifts: {shift} px: expected < generate.size = {size}")
+        for scale in self.evaluate.scales:
+            if round(size * scale) < 8:
+                raise BadInput(f"evaluate.scales: {scale:g}: rescales generate.size = {size} below 8 px")
         return self
 
     def split_sizes(self) -> dict[str, int]:
@@ -134,6 +166,7 @@ _EXPECTED = {  # pydantic error type -> what was expected, from the error's cont
     "float_type": "a number",
     "bool_type": "true or false",
     "string_type": "a string",
+    "list_type": "a list",
     "finite_number": "a finite number",
 }
 

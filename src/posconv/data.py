@@ -125,6 +125,13 @@ def load_scenes(directory: str | Path, mmap: bool = True) -> Scenes:
     return Scenes(images, labels, owners, _load_circles(directory / CIRCLE_TABLE, len(images)))
 
 
+def draw_unseen(seed: int, images: int, n: int, size: int) -> tuple[Scenes, np.ndarray]:
+    """`n` scenes of `size` px that the data set of `images` images never holds: ids `images`,
+    `images + 1`, ... of the same random stream, drawn by the same rules. Their draws do not depend on
+    `size`, so every size shows the same scenes (the rules scale with the image); with their ids."""
+    return draw_scenes(n, size, image_stream(seed, images), first_id=images), np.arange(images, images + n)
+
+
 def class_pixel_counts(labels: np.ndarray, chunk: int = 1024) -> np.ndarray:
     """Pixels of each class in each image, int64 (N, classes); reads a memory-mapped set in chunks."""
     counts = np.empty((len(labels), N_CLASSES), np.int64)

@@ -35,10 +35,11 @@ is formed.
 
 **Autograd, measured.** Plain autograd (second derivatives work). Per tap it keeps the samples (for the
 masks' gradient) and the residual (for the weight's): in training about what the column form
-(`deform_conv2d_unfold`, kept for the tests and the benchmark) keeps, in inference far less; in time the
-two are level (`python -m posconv.tools.bench families`). Custom autograd.Functions that keep nothing
-per tap and recompute it in backward were measured and not kept: 1.4-1.8x slower than this form
-(corner gathers with scatter_add; sparse sampling matrices), and autograd through the corner gathers 2x.
+(`deform_conv2d(..., form="unfold")`, kept for the tests and the benchmark) keeps, in inference far
+less; in time the two are level (`python -m posconv.tools.bench families`). Custom autograd.Functions
+that keep nothing per tap and recompute it in backward were measured and not kept: 1.4-1.8x slower than
+this form (corner gathers with scatter_add; sparse sampling matrices), and autograd through the corner
+gathers 2x.
 
 **Precision.** Places are computed in float32 (float64 for float64 inputs), never in a low-precision
 type: integer part plus offset, then normalised. Under bfloat16 autocast the plain convolution is
@@ -55,7 +56,7 @@ step's offset gradient is that one-sided one.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +70,10 @@ __all__ = [
     "CoordDeformConv2d",
     "DeformConv2d",
     "deform_conv2d",
-    "deform_conv2d_unfold",
 ]
+
+Form = Literal["fast", "unfold"]  # the functional form: the exact one, or the textbook column one
+_FORMS: tuple[Form, ...] = ("fast", "unfold")
 
 
 class _Geometry(NamedTuple):
@@ -282,38 +285,45 @@ def deform_conv2d(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
     mask: torch.Tensor | None = None,
+    *,
+    form: Form = "fast",
 ) -> torch.Tensor:
     """Deformable convolution, torchvision's signature and conventions (module docstring); zero padding.
 
     groups and offset groups are read from the shapes: groups = C_in / weight.shape[1], offset groups =
     offset.shape[1] / (2·kH·kW). `mask=None` is DCNv1 (every mask 1). Output in the input's memory format.
+    `form="fast"` is the exact form of the module docstring; `form="unfold"` the textbook column form
+    (`_deform_unfold`), an independent formulation for tests and benchmarks.
     """
-    geometry, padding, _ = _functional_geometry(input, offset, mask, weight, stride, padding, dilation)
+    if form not in _FORMS:
+        raise ValueError(f"form = {form!r}: expected one of {', '.join(_FORMS)}")
+    geometry, padding, out = _functional_geometry(input, offset, mask, weight, stride, padding, dilation)
+    if form == "unfold":
+        return _deform_unfold(input, offset, weight, bias, mask, geometry, out)
     y = F.conv2d(input.detach(), weight, bias, geometry.stride, padding, geometry.dilation, geometry.groups)
     return _add_correction(y, input, offset, mask, weight, geometry)
 
 
-def deform_conv2d_unfold(
+def _deform_unfold(
     input: torch.Tensor,
     offset: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
-    dilation: int | tuple[int, int] = 1,
-    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    geometry: _Geometry,
+    out: tuple[int, int],
 ) -> torch.Tensor:
-    """`deform_conv2d` in its textbook form, for tests and benchmarks: every tap of every output pixel
-    sampled by one `grid_sample` into an (N, C_in·kH·kW, H_out·W_out) column matrix (modulated), then
-    one matrix product per group with the (C_out, C_in/groups·kH·kW) weight. Plain autograd.
+    """`deform_conv2d` in its textbook form, operands checked: every tap of every output pixel sampled
+    by one `grid_sample` into an (N, C_in·kH·kW, H_out·W_out) column matrix (modulated), then one matrix
+    product per group with the (C_out, C_in/groups·kH·kW) weight. Plain autograd.
 
     `grid_sample` reads places normalised to [-1, 1]; align_corners=False (pixel i at (2i+1)/size - 1),
     which, unlike align_corners=True, also holds for a 1-pixel axis. The normalisation rounds, so this
-    form is not exact at integer places as `deform_conv2d` is. Sampling in float32 or float64; under
+    form is not exact at integer places as the fast form is. Sampling in float32 or float64; under
     autocast the matrix product follows autocast.
     """
-    geometry, _, (ho, wo) = _functional_geometry(input, offset, mask, weight, stride, padding, dilation)
     (kh, kw), (sh, sw), (top, left), (dh, dw), groups = geometry
+    ho, wo = out
     n, c, h, w = input.shape
     taps = kh * kw
     offset_groups = offset.shape[1] // (2 * taps)

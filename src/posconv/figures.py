@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from posconv.metrics import position_recall
 from posconv.plots import show_labels
 from posconv.registry import CLASS_NAMES
 
@@ -24,6 +25,7 @@ def write_all(
     """Everything the evaluate stage draws; `examples` are (images, labels, predictions per model)."""
     images, labels, predictions = examples
     write_plot_data(directory, results, votes)
+    write_transfer_data(directory, results, images.shape[2])
     save_losses(directory / "losses.png", losses)
     save_recall_bars(directory / "recall.png", results)
     save_confusions(directory / "confusion.png", results)
@@ -46,6 +48,26 @@ def write_plot_data(directory: Path, results: dict[str, dict], votes: dict[str, 
             {"actual": names[votes[model]["label"]], "predicted": names[votes[model]["predicted"]]}
         )
         circles.to_csv(directory / f"circles_{model}.csv", index=False)
+
+
+def write_transfer_data(directory: Path, results: dict[str, dict], size: int) -> None:
+    """Per model: position recall and mIoU against the image side (the trained size and `transfer`), and
+    the equivariance errors, as CSVs that `dvc plots` overlays."""
+    for model, result in results.items():
+        scored = {size: result} | {int(side): scores for side, scores in result["transfer"].items()}
+        rows = [
+            {"size": side, "position_recall": position_recall(s["recall"]), "miou": s["miou"]}
+            for side, s in sorted(scored.items())
+        ]
+        pd.DataFrame(rows).to_csv(directory / f"transfer_{model}.csv", index=False)
+        errors = [
+            {"transformation": f"{kind} {amount}", "error": error}
+            for kind, by_amount in result["equivariance"].items()
+            for amount, error in by_amount.items()
+        ]
+        pd.DataFrame(errors, columns=["transformation", "error"]).to_csv(
+            directory / f"equivariance_{model}.csv", index=False
+        )
 
 
 def save_losses(path: Path, losses: dict[str, LossCurves]) -> None:

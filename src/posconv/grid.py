@@ -1,26 +1,37 @@
-"""The study of the seed's open questions: its grid (variants x seeds, and what is compared with what)
-and its statistics over seeds. Knows nothing of DVC: the study tool (`posconv.tools.study`) runs the
-grid and collects it.
+"""The study: its grid (variants x seeds, in two independent replicates), what is compared with what,
+and the verdict rule. Knows nothing of DVC: the study tool (`posconv.tools.study`) runs the grid.
 
-A difference is called real only when the min-max intervals over seeds do not overlap.
+The verdict rule, written down before any number was seen (DESIGN.md §7). A comparison sets arm A
+against arm B on one quantity. Both arms of a seed share its data, its training order and its initial
+draws, so each seed gives one difference d = A - B, and the n seeds give the 95% paired-t interval
+mean(d) ± t(0.975, n - 1) · sd(d) / √n. With the quantity's margin m:
+- "A higher" / "A lower": the interval excludes 0 and |mean(d)| >= m (a real difference);
+- "no real difference": the whole interval lies inside (-m, m);
+- "undecided": anything else (more seeds needed).
+The rule is applied to each replicate (seeds 0-4, seeds 5-9) and to all seeds; a verdict is
+replicated when both replicates give it.
 """
 
 from __future__ import annotations
 
-import itertools
+import math
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from posconv.compare import QUANTITIES
 from posconv.errors import BadInput
-from posconv.registry import LAYERS, evaluate_metrics, train_metrics
+from posconv.metrics import position_recall
+from posconv.registry import CLASS_NAMES, CONTENT_ADAPTIVE, LAYERS
 
-SEEDS = (0, 1, 2)  # data seed and training seed together
-SCALE = {  # the seed's 128 px, sized so that the grid finishes on a 2-core CPU in under 45 minutes
+REPLICATES = {"A": (0, 1, 2, 3, 4), "B": (5, 6, 7, 8, 9)}  # two independent runs of the study
+SEEDS = REPLICATES["A"] + REPLICATES["B"]  # data seed and training seed together
+ALL = "all"
+SCALE = {  # the seed's 128 px, sized so that the grid fits a 2-core CPU in about an hour
     "generate.size": 128,
     "generate.images": 800,  # 480 train, 160 validation, 160 test
     "model.width": 16,
     "train.epochs": 4,  # 240 steps: enough for the position-aware layers to reach recall 0.9
-    "train.val_every": 10,
+    "train.val_every": 20,
 }
 FULL_SCALE = {  # the seed's scale, for a GPU: 5000 train and 2500 validation images of 128 px, width 64
     "generate.size": 128,
@@ -31,17 +42,29 @@ FULL_SCALE = {  # the seed's scale, for a GPU: 5000 train and 2500 validation im
     "train.epochs": 2,
     "train.val_every": 50,
 }
-VARIANTS = {  # name -> params changed from the study scale
-    "baseline": {},
-    "batchnorm": {"model.encoder_batchnorm": True},  # Q1
-    "wide": {"model.width": 18},  # Q2a: its vanilla has more parameters than coordconv at width 16
-    "constant": {"model.coords": "constant"},  # Q2b: same parameters, no position
-    "shuffled": {"model.coords": "shuffled"},  # Q2b
-    "with_r": {"model.with_r": True},  # Q3: CoordConv with the radius channel
-    "seed_coords": {"model.coords": "seed"},  # Q3: the seed's coordinate convention
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Params changed from the study scale, and which pipeline's models it trains and scores."""
+
+    changes: dict
+    families: bool = False  # families/dvc.yaml (the content-adaptive layers), not the card
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return CONTENT_ADAPTIVE if self.families else LAYERS
+
+
+VARIANTS = {
+    "baseline": Variant({}),
+    "batchnorm": Variant({"model.encoder_batchnorm": True}),  # Q1
+    "per_input": Variant({"model.coords_per_input": True}),  # the seed's first coordinate-bias form
+    "families": Variant({}, families=True),  # involution and deformable conv, alone and with coordinates
 }
-# (question, (variant, model) A, (variant, model) B): each compared on every quantity
+# (question, (variant, model) A, (variant, model) B)
 COMPARISONS = [
+    ("Headline: coordbias vs vanilla", ("baseline", "coordbias"), ("baseline", "vanilla")),
     (
         "Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm",
         ("batchnorm", "coordbias"),
@@ -52,113 +75,151 @@ COMPARISONS = [
         ("batchnorm", "coordbias"),
         ("baseline", "coordbias"),
     ),
-    (
-        "Q2a parameters: coordbias vs vanilla widened past coordconv",
-        ("baseline", "coordbias"),
-        ("wide", "vanilla"),
-    ),
-    (
-        "Q2a parameters: coordconv vs vanilla widened past coordconv",
-        ("baseline", "coordconv"),
-        ("wide", "vanilla"),
-    ),
-    (
-        "Q2b controls: coordbias vs coordbias with constant maps",
-        ("baseline", "coordbias"),
-        ("constant", "coordbias"),
-    ),
-    (
-        "Q2b controls: coordbias vs coordbias with shuffled maps",
-        ("baseline", "coordbias"),
-        ("shuffled", "coordbias"),
-    ),
-    (
-        "Q2b controls: coordconv vs coordconv with constant maps",
-        ("baseline", "coordconv"),
-        ("constant", "coordconv"),
-    ),
-    (
-        "Q2b controls: coordconv vs coordconv with shuffled maps",
-        ("baseline", "coordconv"),
-        ("shuffled", "coordconv"),
-    ),
-    (
-        "Q2b controls: coordbias with shuffled maps vs vanilla",
-        ("shuffled", "coordbias"),
-        ("baseline", "vanilla"),
-    ),
     ("Q3 coordbias vs coordconv", ("baseline", "coordbias"), ("baseline", "coordconv")),
-    ("Q3 coordconv with r vs without", ("with_r", "coordconv"), ("baseline", "coordconv")),
-    ("Q3 coordbias: seed convention vs centered", ("seed_coords", "coordbias"), ("baseline", "coordbias")),
-    ("Q3 coordconv: seed convention vs centered", ("seed_coords", "coordconv"), ("baseline", "coordconv")),
+    (
+        "Seed's first form: per-input-channel vs reduced coordbias",
+        ("per_input", "coordbias"),
+        ("baseline", "coordbias"),
+    ),
+    ("Families: involution vs vanilla", ("families", "involution"), ("baseline", "vanilla")),
+    ("Families: coordinvolution vs involution", ("families", "coordinvolution"), ("families", "involution")),
+    ("Families: deform vs vanilla", ("families", "deform"), ("baseline", "vanilla")),
+    ("Families: coorddeform vs deform", ("families", "coorddeform"), ("families", "deform")),
 ]
+
+Reader = Callable[[dict, dict], float | None]  # (evaluation metrics, training metrics) -> value
+
+
+@dataclass(frozen=True)
+class Quantity:
+    read: Reader
+    margin: float | None  # the smallest difference called real; None: reported, never judged
+
+
+def quantities(sizes: list[int], shifts: list[int], scales: list[float]) -> dict[str, Quantity]:
+    """What the study reads from each model's metrics, with the margins of the verdict rule: 0.05 for
+    recalls and mIoU, 20 steps (one validation apart at the study scale) for learning speed, 0.02 for
+    equivariance errors; parameters and throughput are reported, not judged."""
+    recall = 0.05
+    found: dict[str, Quantity] = {
+        "position_recall": Quantity(lambda e, t: position_recall(e["recall"]), recall),
+        "miou": Quantity(lambda e, t: e["miou"], recall),
+        "steps_to_position_recall_0_9": Quantity(lambda e, t: t["steps_to_position_recall_0_9"], 20),
+    }
+    for index, name in enumerate(CLASS_NAMES):
+        found[f"recall_{name}"] = Quantity(lambda e, t, i=index: e["recall"][i], recall)
+    for size in sizes:
+        found[f"position_recall_at_{size}"] = Quantity(
+            lambda e, t, s=str(size): position_recall(e["transfer"][s]["recall"]), recall
+        )
+    for shift in shifts:
+        found[f"translation_error_{shift}"] = Quantity(
+            lambda e, t, s=str(shift): e["equivariance"]["translation"][s], 0.02
+        )
+    for scale in scales:
+        found[f"scale_error_{scale:g}"] = Quantity(
+            lambda e, t, s=f"{scale:g}": e["equivariance"]["scale"][s], 0.02
+        )
+    found["parameters"] = Quantity(lambda e, t: t["parameters"], None)
+    found["train_images_per_s"] = Quantity(lambda e, t: t["train_images_per_s"], None)
+    return found
 
 
 def experiment_name(variant: str, seed: int) -> str:
     return f"study-{variant}-s{seed}"
 
 
-SPREAD_KEYS = {"mean", "min", "max", "reached", "not_reached_by", "values"}
+# t(0.975, df): the two-sided 95% quantile of Student's t (tests/test_study.py integrates the density)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
+        18: 2.101, 19: 2.093, 20: 2.086}  # fmt: skip
 
 
-def spread(values: list[float | None], floors: list[float] | None = None) -> dict:
-    """Mean and min-max over seeds. A None is a target that a seed did not reach within its run's
-    `floors` steps: its value lies above that floor, so the floor bounds `min` from below, while `mean`
-    and `max` are unknown (None)."""
-    known = [v for v in values if v is not None]
-    missed = [f for v, f in zip(values, floors or [None] * len(values), strict=True) if v is None and f]
-    complete = len(known) == len(values)
+def paired_interval(differences: list[float]) -> tuple[float, float, float]:
+    """Mean of the paired differences and its 95% paired-t interval."""
+    n = len(differences)
+    if not 2 <= n <= len(T975) + 1:
+        raise ValueError(f"paired interval of {n} differences: expected 2 to {len(T975) + 1}")
+    mean = statistics.fmean(differences)
+    half = T975[n - 1] * statistics.stdev(differences) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float, mean: float, margin: float | None) -> str | None:
+    """The written rule (module docstring) on one interval."""
+    if margin is None:
+        return None
+    if (low > 0 or high < 0) and abs(mean) >= margin:
+        return "A higher" if mean > 0 else "A lower"
+    if -margin < low and high < margin:
+        return "no real difference"
+    return "undecided"
+
+
+def spread(values: list[float], censored: int = 0) -> dict:
     return {
-        "mean": statistics.fmean(known) if known and complete else None,
-        "min": min(known + missed) if known + missed else None,
-        "max": max(known) if known and complete else None,
-        "reached": len(known),
-        "not_reached_by": max(missed) if missed else None,
+        "mean": statistics.fmean(values),
+        "min": min(values),
+        "max": max(values),
         "values": values,
+        "censored": censored,
     }
 
 
-def _below(a: dict, b: dict) -> bool:
-    return a["max"] is not None and b["min"] is not None and a["max"] < b["min"]
-
-
-def aggregate(metrics: dict[str, dict]) -> dict:
-    """variant -> model -> quantity -> spread over seeds (steps to a target: floored by the run's steps)."""
+def aggregate(metrics: dict[str, dict], readers: dict[str, Quantity], paths: Callable) -> dict:
+    """variant -> model -> quantity -> values over SEEDS with mean/min/max. A learning-speed target a
+    seed missed counts as the run's step count (a lower bound; `censored` says how many)."""
     results: dict = {}
-    for variant, model in itertools.product(VARIANTS, LAYERS):
-        runs = [metrics[experiment_name(variant, seed)] for seed in SEEDS]
-        paths = evaluate_metrics(model), train_metrics(model)
-        files = [(run[paths[0]], run[paths[1]]) for run in runs]  # (evaluation, training) per seed
-        steps = [training["steps"] for _, training in files]
-        results.setdefault(variant, {})[model] = {
-            quantity: spread([read(*f) for f in files], steps if quantity.startswith("steps_to_") else None)
-            for quantity, read in QUANTITIES.items()
-        }
+    for name, variant in VARIANTS.items():
+        for model in variant.models:
+            files = [tuple(metrics[experiment_name(name, seed)][p] for p in paths(model)) for seed in SEEDS]
+            entry = results.setdefault(name, {}).setdefault(model, {})
+            for quantity, q in readers.items():
+                raw = [q.read(*f) for f in files]
+                floors = [training["steps"] for _, training in files]
+                values = [floor if v is None else v for v, floor in zip(raw, floors, strict=True)]
+                if any(v is None for v in values):
+                    raise BadInput(f"study: {name}/{model} has no {quantity} in some seed")
+                entry[quantity] = spread(values, censored=raw.count(None))
     return results
 
 
-def compare(results: dict) -> list[dict]:
-    """Every comparison on every quantity: intervals, difference of means, and whether they separate."""
+def _judged(a: list[float], b: list[float], margin: float | None) -> dict:
+    mean, low, high = paired_interval([x - y for x, y in zip(a, b, strict=True)])
+    return {"difference": mean, "low": low, "high": high, "verdict": verdict(low, high, mean, margin)}
+
+
+def compare(results: dict, readers: dict[str, Quantity]) -> list[dict]:
+    """Every comparison on every quantity: per replicate and over all seeds, the paired difference, its
+    95% interval and the verdict; `replicated` when both replicates give the same verdict."""
     rows = []
+    positions = {name: [SEEDS.index(s) for s in seeds] for name, seeds in REPLICATES.items()}
+    positions[ALL] = list(range(len(SEEDS)))
     for question, (variant_a, model_a), (variant_b, model_b) in COMPARISONS:
-        for quantity in QUANTITIES:
-            a, b = results[variant_a][model_a][quantity], results[variant_b][model_b][quantity]
-            both = a["mean"] is not None and b["mean"] is not None
+        for quantity, q in readers.items():
+            a = results[variant_a][model_a][quantity]["values"]
+            b = results[variant_b][model_b][quantity]["values"]
+            judged = {
+                name: _judged([a[i] for i in at], [b[i] for i in at], q.margin)
+                for name, at in positions.items()
+            }
+            verdicts = {judged[name]["verdict"] for name in REPLICATES}
             rows.append({
-                "question": question, "quantity": quantity,
-                "a": f"{variant_a}/{model_a}", "b": f"{variant_b}/{model_b}", "a_spread": a, "b_spread": b,
-                "difference": a["mean"] - b["mean"] if both else None,
-                "separated": _below(a, b) or _below(b, a), "a_below_b": _below(a, b),
+                "question": question, "quantity": quantity, "margin": q.margin,
+                "a": f"{variant_a}/{model_a}", "b": f"{variant_b}/{model_b}", **judged,
+                "replicated": len(verdicts) == 1 and None not in verdicts,
             })  # fmt: skip
     return rows
+
+
+ROW_KEYS = {"question", "quantity", "a", "b", "replicated", ALL, *REPLICATES}
 
 
 def check_study(study: object, path: str) -> dict:
     """`study` as read from `path`, refused in one line if it is not in this version's format."""
     rows = study.get("comparisons") if isinstance(study, dict) else None
     rows = rows if isinstance(rows, list) and all(isinstance(row, dict) for row in rows) else []
-    spreads = [row.get(side) for row in rows for side in ("a_spread", "b_spread")]
-    if not rows or not all(isinstance(s, dict) and s.keys() >= SPREAD_KEYS for s in spreads):
+    if not rows or not all(row.keys() >= ROW_KEYS for row in rows) or "results" not in study:
         raise BadInput(
             f"{path}: not a study in this version's format (run: python -m posconv.tools.study collect)"
         )

@@ -30,8 +30,8 @@ Choices, and why:
 - Fast path: `involution` accumulates kh*kw shifted products (a strided, dilated slice of x~ times that
   tap's kernel map broadcast over the group's channels, added in place into the output) in a custom
   autograd function that saves only x~ and the kernels and scatters the gradient back the same way. It
-  never holds the unfolded input, B*C*kh*kw*H*W numbers, that `involution_unfold` (the reference's
-  formulation, kept for tests and the benchmark) builds and saves for backward.
+  never holds the unfolded input, B*C*kh*kw*H*W numbers, that `involution(..., form="unfold")` (the
+  reference's formulation, kept for tests and the benchmark) builds and saves for backward.
 - Precision: the aggregation computes in at least float32. Under autocast the 1x1 convolutions run in
   the autocast dtype, the aggregation in float32, and the output is rounded once to the autocast dtype
   (the dtype nn.Conv2d would return). The output keeps the input's memory format.
@@ -47,7 +47,7 @@ layer starts as the Involution2d with the same weights and the same random draws
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,9 @@ from posconv.position_term import add_position_term, is_channels_last
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 Pair = tuple[int, int]
+Geometry = tuple[Pair, Pair, Pair, Pair]  # kernel_size, stride, dilation, output size
+Form = Literal["fast", "unfold"]  # the functional form: shifted products, or the reference's unfold
+_FORMS: tuple[Form, ...] = ("fast", "unfold")
 
 
 # ---- options ----
@@ -191,7 +194,7 @@ class _ShiftedProducts(torch.autograd.Function):
         xp: torch.Tensor,
         kernel: torch.Tensor,
         bias: torch.Tensor | None,
-        geometry: tuple[Pair, Pair, Pair, Pair],
+        geometry: Geometry,
         channels_last: bool,
     ) -> torch.Tensor:
         kernel_size, _, _, (h, w) = geometry
@@ -231,11 +234,7 @@ class _ShiftedProducts(torch.autograd.Function):
 
 
 def _aggregate(
-    xp: torch.Tensor,
-    kernel: torch.Tensor,
-    bias: torch.Tensor | None,
-    geometry: tuple[Pair, Pair, Pair, Pair],
-    channels_last: bool,
+    xp: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, geometry: Geometry, channels_last: bool
 ) -> torch.Tensor:
     """`_ShiftedProducts` computed in at least float32, returned in the promoted dtype of `xp` and `kernel`
     (under autocast: the kernel's, the dtype nn.Conv2d would return)."""
@@ -252,7 +251,7 @@ def _prepare(
     x: torch.Tensor,
     kernel: torch.Tensor,
     options: tuple[Any, Any, Any, Any, str],
-) -> tuple[torch.Tensor, tuple[Pair, Pair, Pair, Pair], int]:
+) -> tuple[torch.Tensor, Geometry, int]:
     """x~, the geometry (kernel_size, stride, dilation, output size) and G, the kernel checked."""
     kernel_size, stride, padding, dilation, padding_mode = options
     kernel_size, stride, dilation = (
@@ -284,34 +283,36 @@ def involution(
     dilation: int | Pair = 1,
     padding_mode: str = "zeros",
     bias: torch.Tensor | None = None,
+    *,
+    form: Form = "fast",
 ) -> torch.Tensor:
     """Aggregate `x` (B, C, H, W) with per-pixel `kernel` (B, G*kh*kw, H_out, W_out) by shifted products.
 
     Taps are row-major in the kernel's channels (group g, tap u*kw + v at channel g*kh*kw + u*kw + v),
     as the reference's view of its span output. Computes in at least float32; returns the promoted dtype
-    of `x` and `kernel` (under autocast the kernel's) in `x`'s memory format.
+    of `x` and `kernel` (under autocast the kernel's) in `x`'s memory format. `form="unfold"` is the
+    reference's formulation instead (`_involution_unfold`), for tests and benchmarks.
     """
-    xp, geometry, _ = _prepare(x, kernel, (kernel_size, stride, padding, dilation, padding_mode))
+    if form not in _FORMS:
+        raise ValueError(f"form = {form!r}: expected one of {', '.join(_FORMS)}")
+    xp, geometry, groups = _prepare(x, kernel, (kernel_size, stride, padding, dilation, padding_mode))
+    if form == "unfold":
+        return _involution_unfold(xp, kernel, bias, geometry, groups)
     return _aggregate(xp, kernel, bias, geometry, is_channels_last(x))
 
 
-def involution_unfold(
-    x: torch.Tensor,
-    kernel: torch.Tensor,
-    kernel_size: int | Pair,
-    stride: int | Pair = 1,
-    padding: int | Pair | str = 0,
-    dilation: int | Pair = 1,
-    padding_mode: str = "zeros",
+def _involution_unfold(
+    xp: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, geometry: Geometry, groups: int
 ) -> torch.Tensor:
     """The reference's formulation of `involution`: unfold x~ into (B, G, C/G, kh*kw, H_out, W_out)
-    patches, multiply by the kernels and sum over the taps. Autograd saves the unfolded input."""
-    xp, geometry, groups = _prepare(x, kernel, (kernel_size, stride, padding, dilation, padding_mode))
+    patches, multiply by the kernels and sum over the taps (plus the bias). Autograd saves the unfolded
+    input. In the operands' promoted dtype, contiguous."""
     kernel_size, stride, dilation, out_size = geometry
-    b, c = x.shape[:2]
+    b, c = xp.shape[:2]
     patches = F.unfold(xp, kernel_size, dilation=dilation, stride=stride)
     patches = patches.view(b, groups, c // groups, -1, *out_size)
-    return (kernel.unflatten(1, (groups, -1)).unsqueeze(2) * patches).sum(3).view(b, c, *out_size)
+    y = (kernel.unflatten(1, (groups, -1)).unsqueeze(2) * patches).sum(3).view(b, c, *out_size)
+    return y if bias is None else y + bias[:, None, None]
 
 
 # ---- the layers ----

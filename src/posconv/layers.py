@@ -1,7 +1,8 @@
 """Position-aware convolutions, built by name so that a model never branches on the layer type.
 
 - `vanilla`: `nn.Conv2d`.
-- `coordbias` (seed 000): `y = conv(x) + a_c*X + b_c*Y`, two learned scalars per output channel.
+- `coordbias` (seed 000): `y = conv(x) + a_c*X + b_c*Y`, two learned scalars per output channel
+  (`coords_per_input=True`: the seed's original pair per input channel too, summed over them).
 - `coordconv` (Liu et al. 2018): the convolution also sees the input's coordinate channels X, Y (and r).
 - `involution`, `coordinvolution` (seed 003, `posconv.involution`): a kernel generated per pixel from
   the input there (and, for coordinvolution, from its coordinates too), shared across a group's channels.
@@ -83,23 +84,45 @@ class _PositionAware(nn.Conv2d):
 
 
 class CoordBias2d(_PositionAware):
-    """`nn.Conv2d` plus `coord_bias` (C_out, 2): `y = conv(x) + a_c*X + b_c*Y` at the kernel centres."""
+    """`nn.Conv2d` plus `coord_bias`: `y = conv(x) + a_c*X + b_c*Y` at the kernel centres.
 
-    def __init__(self, *shape: Any, coords: str = "centered", **conv_kwargs: Any) -> None:
+    Two forms of the seed layer (pskugit/custom-conv2d, models/customconv.py). The default is the
+    published code's reduced form (commit a21ff8d): `coord_bias` (C_out, 2), 2*C_out numbers, zero at
+    the start. `coords_per_input=True` is the original form (27d1ea5): `coord_bias` (C_out, C_in/groups,
+    2), one (X, Y) pair per output and input channel, the term summed over the inputs, drawn like the
+    kernel, U(±1/sqrt(fan_in)) (also without bias, where the source left it uninitialised). Both compute
+    the same functions, a_c = sum_i a_ci: the original over-parametrises them with 2*C_out*C_in/groups
+    numbers and starts elsewhere, so only the learning dynamics differ. The shape tells the forms apart.
+    """
+
+    def __init__(
+        self, *shape: Any, coords: str = "centered", coords_per_input: bool = False, **conv_kwargs: Any
+    ) -> None:
         """`shape`: in_channels, out_channels, kernel_size, as for `nn.Conv2d`."""
         super().__init__(*shape, coords=coords, **conv_kwargs)
-        self.coord_bias = nn.Parameter(self.weight.new_zeros(self.out_channels, 2))
+        self.coords_per_input = coords_per_input
+        per_input = (self.in_channels // self.groups,) if coords_per_input else ()
+        self.coord_bias = nn.Parameter(self.weight.new_empty(self.out_channels, *per_input, 2))
+        self._reset_coord_bias()
 
     def reset_parameters(self) -> None:
-        """Zero `coord_bias`: the layer starts as the plain convolution with the same weights and the
-        same random draws, so a coordbias network starts where its vanilla twin (same seed) does and
-        learns position only as far as the loss asks for it."""
+        """The kernel's draws first, as `nn.Conv2d`'s, then `coord_bias`'s (none for the default)."""
         super().reset_parameters()
         if hasattr(self, "coord_bias"):  # nn.Conv2d.__init__ calls this before coord_bias exists
+            self._reset_coord_bias()
+
+    def _reset_coord_bias(self) -> None:
+        """Default: zero, so a coordbias network starts where its vanilla twin (same seed) does and
+        learns position only as far as the loss asks for it. Per input: the source's uniform draw."""
+        if self.coords_per_input:
+            bound = 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(self.weight)[0])
+            nn.init.uniform_(self.coord_bias, -bound, bound)
+        else:
             nn.init.zeros_(self.coord_bias)
 
     def coefficients(self) -> torch.Tensor:
-        return self.coord_bias
+        """(C_out, 2); the per-input form's sum over its inputs is the source's own sum."""
+        return self.coord_bias.sum(1) if self.coords_per_input else self.coord_bias
 
     def basis(
         self, in_size: tuple[int, int], out_size: tuple[int, int], device: torch.device, dtype: torch.dtype
@@ -107,6 +130,9 @@ class CoordBias2d(_PositionAware):
         """X and Y of the kernel centres."""
         geometry = (self.kernel_size, self.stride, self.dilation, self.padding)
         return output_grid(in_size, out_size, *geometry, self.coords, device, dtype).flatten(1)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", coords_per_input=True" if self.coords_per_input else "")
 
 
 class CoordConv2d(_PositionAware):
@@ -168,7 +194,7 @@ LAYER_CLASSES: dict[str, type[nn.Module]] = {
 }
 LAYER_OPTIONS: dict[str, tuple[str, ...]] = {  # what each layer takes beyond nn.Conv2d's signature
     VANILLA: (),
-    COORDBIAS: ("coords",),
+    COORDBIAS: ("coords", "coords_per_input"),
     COORDCONV: ("coords", "with_r"),
     INVOLUTION: ("reduction", "group_channels"),
     COORD_INVOLUTION: ("coords", "reduction", "group_channels"),

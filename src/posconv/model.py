@@ -35,6 +35,7 @@ class ModelSpec:
     placement: str = "encoder"  # encoder | all | first
     coords: str = "centered"
     with_r: bool = False
+    coords_per_input: bool = False
 
     @classmethod
     def of(cls, layer: str, options: Mapping[str, Any]) -> ModelSpec:
@@ -42,7 +43,8 @@ class ModelSpec:
         return cls(layer=layer, **{name: options[name] for name in spec_fields(layer)})
 
 
-_SPEC_OPTIONS = ("coords", "with_r")  # the layer options a spec (params.yaml's model) sets; others default
+# the layer options a spec (params.yaml's model) sets; the others keep their defaults
+_SPEC_OPTIONS = ("coords", "with_r", "coords_per_input")
 
 
 def spec_fields(layer: str) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ EVALUATE_METRICS = "metrics/evaluate"
 SUMMARY = "metrics/summary.json"
 EVALUATE_PLOTS = "plots/evaluate"
 REPORT = "plots/report.md"
+FAMILIES_METRICS = "metrics/families"  # families/dvc.yaml: the content-adaptive layers' scores
 STUDY = "metrics/study.json"
 BENCH_LAYERS = "metrics/bench_layers.json"
 
@@ -60,3 +61,8 @@ def loss_curve(layer: str, split: str) -> str:
 
 def evaluate_metrics(layer: str) -> str:
     return f"{EVALUATE_METRICS}/{layer}.json"
+
+
+def family_metrics(layer: str) -> str:
+    """A content-adaptive layer's scores, written by families/dvc.yaml's evaluate stage."""
+    return f"{FAMILIES_METRICS}/{layer}.json"

@@ -125,13 +125,6 @@ def verdict(summary: dict, training: dict[str, dict]) -> str:
     return f"## What the numbers say\n\nThis run {finding}. {speed} {cost} {caveat}"
 
 
-STUDY_QUANTITIES = (
-    "position_recall",
-    "steps_to_position_recall_0_9",
-    "miou",
-    "parameters",
-    "train_images_per_s",
-)
 BATCHNORM_ARGUMENT = (
     "Why BatchNorm cannot cancel the coordinate bias as it cancels a plain one: BatchNorm subtracts "
     "each channel's mean over the batch and the pixels, so a plain bias (one constant per channel) is "
@@ -139,63 +132,135 @@ BATCHNORM_ARGUMENT = (
     "pixel, so only its mean is removed and its gradient is not zero (`tests/test_layers.py` checks "
     "both on a real BatchNorm2d in training mode)."
 )
+RULE = (
+    "**Verdict rule** (fixed in `posconv/grid.py` before the numbers): each seed gives a paired "
+    "difference A - B (both arms share the seed's data, training order and initial draws); its 95% "
+    "paired-t interval over the seeds decides: *A higher/lower* when the interval excludes 0 and the "
+    "mean difference is at least the quantity's margin, *no real difference* when the whole interval "
+    "lies within ± the margin, *undecided* otherwise. Margins: 0.05 for recalls and mIoU, 20 steps for "
+    "steps to validation position recall 0.9 (a seed that never reached it counts as its run's step "
+    "count, a lower bound), 0.02 for equivariance errors. The rule is applied to each of the two "
+    "independent replicates (seeds 0-4 and 5-9) and to all ten seeds."
+)
+ANSWERED = ("position_recall", "steps_to_position_recall_0_9")  # each question's one-line answer
 
 
-def interval(values: dict) -> str:
-    """mean [min, max] over seeds; where seeds missed a target, the values reached and how many missed."""
-    if values["mean"] is not None:
-        return f"{fmt(values['mean'])} [{fmt(values['min'])}, {fmt(values['max'])}]"
-    reached = ", ".join(fmt(v) for v in values["values"] if v is not None)
-    by = "" if values["not_reached_by"] is None else f" by step {fmt(values['not_reached_by'])}"
-    missed = f"{len(values['values']) - values['reached']}/{len(values['values'])} not reached{by}"
-    return f"{reached}; {missed}" if reached else missed
+def judged(side: dict) -> str:
+    """A difference with its 95% interval and verdict."""
+    return f"{fmt(side['difference'])} [{fmt(side['low'])}, {fmt(side['high'])}]: {side['verdict']}"
 
 
-def comparison_row(row: dict) -> list:
-    real = "**yes**" if row["separated"] else "no"
-    a, b = interval(row["a_spread"]), interval(row["b_spread"])
-    return [row["question"], f"`{row['a']}`", a, f"`{row['b']}`", b, row["quantity"], row["difference"], real]
+def _mean(study: dict, arm: str, quantity: str) -> float:
+    variant, model = arm.split("/")
+    return study["results"][variant][model][quantity]["mean"]
 
 
-def _real(row: dict, above: str, below: str) -> str:
-    if not row["separated"]:
-        return "no real difference"
-    return f"real: A {below if row['a_below_b'] else above}"
+def answer(study: dict, rows: dict[str, dict]) -> str:
+    """One question in a line: the verdicts on position recall and learning speed, per replicate."""
+    first = rows[ANSWERED[0]]
+    parts = []
+    for quantity in ANSWERED:
+        row = rows[quantity]
+        a, b = (_mean(study, row[arm], quantity) for arm in ("a", "b"))
+        same = "replicated" if row["replicated"] else "NOT replicated"
+        parts.append(
+            f"{quantity.replace('_', ' ')} {fmt(a)} vs {fmt(b)}, A - B {judged(row['all'])} "
+            f"(replicates: {row['A']['verdict']} / {row['B']['verdict']}, {same})"
+        )
+    return f"- **{first['question']}** (A `{first['a']}`, B `{first['b']}`): " + "; ".join(parts) + "."
 
 
-def answer(recall: dict, steps: dict) -> str:
-    """One question in a line: A against B on position recall and on steps to recall 0.9."""
-    return (
-        f"- **{recall['question']}** (A `{recall['a']}`, B `{recall['b']}`): test position recall "
-        f"{interval(recall['a_spread'])} against {interval(recall['b_spread'])}, "
-        f"{_real(recall, 'higher', 'lower')}; steps to validation position recall 0.9 "
-        f"{interval(steps['a_spread'])} against {interval(steps['b_spread'])}, "
-        f"{_real(steps, 'slower', 'faster')}."
-    )
+def family_table(study: dict) -> str:
+    """Every model of the study in one row: means over all seeds."""
+    quantities = [q for q in study["margins"] if q != "train_images_per_s"] + ["train_images_per_s"]
+    rows = [
+        [f"`{variant}/{model}`", *(values[q]["mean"] for q in quantities)]
+        for variant, models in study["results"].items()
+        for model, values in models.items()
+        if variant in ("baseline", "per_input", "families") or (variant, model) == ("wide", BASELINE)
+    ]
+    header = ["model", *(q.replace("_", " ") for q in quantities)]
+    return table(header, rows)
+
+
+def comparisons_table(study: dict) -> str:
+    header = [
+        "question",
+        "quantity",
+        "A",
+        "B",
+        "A - B [95% CI], all seeds",
+        "seeds 0-4",
+        "seeds 5-9",
+        "replicated",
+    ]
+    rows = [
+        [row["question"], row["quantity"], _mean(study, row["a"], row["quantity"]),
+         _mean(study, row["b"], row["quantity"]), judged(row["all"]), row["A"]["verdict"],
+         row["B"]["verdict"], "yes" if row["replicated"] else "**no**"]
+        for row in study["comparisons"] if row["margin"] is not None
+    ]  # fmt: skip
+    return table(header, rows)
+
+
+def agreement(study: dict) -> str:
+    """The seed study's claims, point by point, against this study's verdicts."""
+    rows = {(row["question"], row["quantity"]): row for row in study["comparisons"]}
+
+    def said(question: str, quantity: str = "position_recall") -> str:
+        return rows[question, quantity]["all"]["verdict"]
+
+    params = {m: _mean(study, f"baseline/{m}", "parameters") for m in ("vanilla", "coordbias", "coordconv")}
+    per_input = _mean(study, "per_input/coordbias", "parameters") - params["vanilla"]
+    extra = {m: params[m] - params["vanilla"] for m in ("coordbias", "coordconv")}
+    headline = "Headline: coordbias vs vanilla"
+    first_form = "Seed's first form: per-input-channel vs reduced coordbias"
+    q3 = "Q3 coordbias vs coordconv"
+    points = [
+        f"Coordbias learns the position classes better than vanilla (seed 000): position recall "
+        f"**{said(headline)}**, steps to 0.9 **{said(headline, 'steps_to_position_recall_0_9')}**.",
+        f"About 90% fewer extra parameters than CoordConv (seed 000): coordbias adds "
+        f"{fmt(int(extra['coordbias']))}, coordconv {fmt(int(extra['coordconv']))} "
+        f"({fmt(100 * (1 - extra['coordbias'] / extra['coordconv']))} % fewer).",
+        f"Open question 1, BatchNorm: coordbias vs vanilla with BatchNorm, position recall "
+        f"**{said('Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm')}**.",
+        f"Open question 2, parameters: the seed's first form adds {fmt(int(per_input))} parameters, "
+        f"{fmt(per_input / extra['coordconv'])}x coordconv's; if parameters made the gain, it would beat "
+        f"the reduced form: position recall **{said(first_form)}**.",
+        f"Open question 3, coordbias vs CoordConv: position recall "
+        f"**{said(q3)}**, steps to 0.9 **{said(q3, 'steps_to_position_recall_0_9')}**.",
+        f"The seed's first layer stored a coordinate pair per input channel ({fmt(int(per_input))} extra "
+        f"parameters here); its published code uses the reduced form. Per-input vs reduced: position "
+        f"recall **{said(first_form)}**, steps to 0.9 "
+        f"**{said(first_form, 'steps_to_position_recall_0_9')}**.",
+    ]
+    return "### Against the seed study, point by point\n\n" + "\n".join(f"- {p}" for p in points)
 
 
 def study_section(study: dict) -> str:
-    """The open questions: every comparison as mean [min, max] over seeds, real only if they separate."""
-    rows = [comparison_row(row) for row in study["comparisons"] if row["quantity"] in STUDY_QUANTITIES]
-    by_quantity = {(row["question"], row["quantity"]): row for row in study["comparisons"]}
-    questions = dict.fromkeys(row["question"] for row in study["comparisons"])
-    answers = "\n".join(
-        answer(by_quantity[q, "position_recall"], by_quantity[q, "steps_to_position_recall_0_9"])
-        for q in questions
-    )
+    """The study: the rule, the answers, every model in one table, every comparison."""
+    by_question: dict[str, dict[str, dict]] = {}
+    for row in study["comparisons"]:
+        by_question.setdefault(row["question"], {})[row["quantity"]] = row
+    answers = "\n".join(answer(study, rows) for rows in by_question.values())
     cost = study["cost"] or {}
+    seeds = sum(len(seeds) for seeds in study["replicates"].values())
     scale = ", ".join(f"`{key}={value}`" for key, value in study["scale"].items())
     intro = (
-        f"{len(study['variants'])} variants x {len(study['seeds'])} seeds (data and training seed "
-        f"together) as DVC experiments on DVC's queue (`python -m posconv.tools.study run -j "
-        f"{cost.get('jobs', 1)}`) at a reduced scale: {scale}. Total cost: {fmt(cost.get('wall_s'))} s "
-        f"wall, {fmt(cost.get('cpu_s'))} s CPU of the machine. Values are "
-        "mean [min, max] over seeds; a difference is called real only when the min-max intervals "
-        "do not overlap."
+        f"{len(study['variants'])} variants x {seeds} seeds (data and training seed together) as DVC "
+        f"experiments on DVC's queue (`python -m posconv.tools.study run -j {cost.get('jobs', 1)}`) at a "
+        f"reduced scale: {scale}; the content-adaptive families at `families.placement` of params.yaml. "
+        f"Total cost: {fmt(cost.get('wall_s'))} s wall ({fmt((cost.get('wall_s') or 0) / 60)} min), "
+        f"{fmt(cost.get('cpu_s'))} s CPU of the machine."
     )
-    header = ["question", "A", "A: mean [min, max]", "B", "B: mean [min, max]", "quantity", "A - B", "real?"]
-    sections = [intro, BATCHNORM_ARGUMENT, answers, "Every comparison and quantity:", table(header, rows)]
-    return "## The seed study's open questions\n\n" + "\n\n".join(sections)
+    sections = [
+        intro, RULE, BATCHNORM_ARGUMENT, answers, agreement(study),
+        "### Every model, means over all seeds\n\n" + family_table(study),
+        "### Every comparison\n\n" + comparisons_table(study),
+    ]  # fmt: skip
+    return "## The study: open questions, the seed's first form, transfer, equivariance, every family\n\n" + (
+        "\n\n".join(sections)
+    )
 
 
 AWARE = tuple(layer for layer in LAYERS if layer != BASELINE)

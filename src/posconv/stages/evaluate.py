@@ -1,7 +1,9 @@
 """Stage `evaluate`: score every trained model on the test split; or score one model on any data set.
 
-Pipeline: `python -m posconv.stages.evaluate` writes `metrics/evaluate/<model>.json`, the headline
-`metrics/summary.json` (params `layer` against vanilla) and `plots/evaluate/` (data and figures).
+Pipeline: `python -m posconv.stages.evaluate` writes `metrics/evaluate/<model>.json` (test split,
+transfer to `evaluate.sizes`, equivariance errors), the headline `metrics/summary.json` (params `layer`
+against vanilla) and `plots/evaluate/` (data and figures). With `--families` (families/dvc.yaml) it
+scores the content-adaptive families into `metrics/families/<model>.json`.
 
 Standalone: `python -m posconv.stages.evaluate --model models/coordbias.pt --data other.npz` prints the
 metrics as JSON for an `.npz` holding `images uint8 (N, H, W, 3)` and `labels uint8 (N, H, W)`.
@@ -13,15 +15,21 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch import nn
+
 from posconv import figures, fused, registry
 from posconv.cli import device_name, parser, positive_int, run
 from posconv.compare import headline
-from posconv.config import load_params
-from posconv.data import load_labelled_npz, load_scenes, load_split
-from posconv.engine import LabelledImages, place, predict, resolve_device
+from posconv.config import Params, load_params
+from posconv.data import draw_unseen, load_labelled_npz, load_scenes, load_split
+from posconv.engine import LabelledImages, place, predict, resolve_device, to_input
+from posconv.equivariance import scale_error, translation_error
 from posconv.io import atomic_outputs, read_json, write_json
 from posconv.metrics import circle_votes, score
 from posconv.model import load_model
+from posconv.scenes import Scenes
 
 logger = logging.getLogger(__name__)
 SCORING_PRECISION = "fp32"  # whatever precision trained the model, its test scores are exact
@@ -36,45 +44,94 @@ def score_npz(model_path: str, data_path: str, device_name: str, batch_size: int
     return score(labels, predictions, images) | {"inference_images_per_s": images_per_s}
 
 
-def evaluate_pipeline() -> None:
-    params = load_params()
+def _score(model: nn.Module, scenes: Scenes, ids: np.ndarray, params: Params) -> tuple[dict, np.ndarray]:
+    """Every metric of `model` on `scenes` (global image ids `ids`) and its predictions."""
+    images = LabelledImages.from_arrays(scenes.images, scenes.labels, next(model.parameters()).device).images
+    predicted, images_per_s = predict(
+        model, images, params.evaluate.batch_size, SCORING_PRECISION, params.train.channels_last
+    )
+    result = score(
+        scenes.labels, predicted, scenes.images, scenes.owners, scenes.circles, ids,
+        params.evaluate.position_bins,
+    )  # fmt: skip
+    return result | {"inference_images_per_s": images_per_s}, predicted
+
+
+def _equivariance(model: nn.Module, images: np.ndarray, params: Params) -> dict:
+    """Equivariance errors of the logits under each translation step and rescaling (DESIGN.md §5)."""
+    device = next(model.parameters()).device
+    x = to_input(torch.from_numpy(np.ascontiguousarray(images)).to(device), params.train.channels_last)
+    model.eval()
+
+    def logits(batch: torch.Tensor) -> torch.Tensor:
+        return model(batch).float()
+
+    batch = params.evaluate.batch_size
+    return {
+        "translation": {str(s): translation_error(logits, x, s, batch) for s in params.evaluate.shifts},
+        "scale": {f"{f:g}": scale_error(logits, x, f, batch) for f in params.evaluate.scales},
+    }
+
+
+def score_layers(layers: tuple[str, ...], params: Params) -> tuple[dict, dict, dict]:
+    """Each layer's model scored on the test split, on unseen scenes at `evaluate.sizes` (`transfer`)
+    and for equivariance; with its circle votes and predictions on the test split."""
     device = resolve_device(params.device)
-    fused.enable(params.train.fused_conv)
     scenes = load_scenes(registry.SCENES)
     test_ids = load_split(registry.SPLIT, len(scenes.images))["test"]
-    images, labels, owners = scenes.images[test_ids], scenes.labels[test_ids], scenes.owners[test_ids]
-    test = LabelledImages.from_arrays(images, labels, device)
+    test = Scenes(scenes.images[test_ids], scenes.labels[test_ids], scenes.owners[test_ids], scenes.circles)
+    unseen = {
+        size: draw_unseen(params.seed, params.generate.images, len(test_ids), size)
+        for size in params.evaluate.sizes
+    }
     results, votes, predictions = {}, {}, {}
-    for layer in registry.LAYERS:
+    for layer in layers:
         model = place(load_model(registry.model_path(layer), layer=layer), device, params.train.channels_last)
-        predicted, images_per_s = predict(
-            model, test.images, params.evaluate.batch_size, SCORING_PRECISION, params.train.channels_last
+        results[layer], predicted = _score(model, test, test_ids, params)
+        votes[layer] = circle_votes(predicted, test.owners, scenes.circles, test_ids)
+        predictions[layer] = predicted
+        results[layer]["transfer"] = {
+            str(size): _score(model, other, ids, params)[0] for size, (other, ids) in unseen.items()
+        }
+        results[layer]["equivariance"] = _equivariance(
+            model, test.images[: params.evaluate.equivariance_images], params
         )
-        results[layer] = score(
-            labels, predicted, images, owners, scenes.circles, test_ids, params.evaluate.position_bins
-        )
-        results[layer]["inference_images_per_s"] = images_per_s
-        votes[layer] = circle_votes(predicted, owners, scenes.circles, test_ids)
-        predictions[layer] = predicted[: params.evaluate.examples]
+    return results, votes, predictions
+
+
+def write_scores(directory: Path, results: dict[str, dict]) -> None:
+    directory.mkdir()
+    for layer, result in results.items():
+        write_json(directory / f"{layer}.json", result)
+
+
+def evaluate_pipeline() -> None:
+    params = load_params()
+    fused.enable(params.train.fused_conv)
+    results, votes, predictions = score_layers(registry.LAYERS, params)
     training = {layer: read_json(registry.train_metrics(layer)) for layer in registry.LAYERS}
     summary = headline(params.layer, results, training)
     outputs = registry.EVALUATE_METRICS, registry.SUMMARY, registry.EVALUATE_PLOTS
-    with atomic_outputs(*outputs) as (
-        metrics_dir,
-        summary_path,
-        plots_dir,
-    ):
-        metrics_dir.mkdir()
-        for layer, result in results.items():
-            write_json(metrics_dir / Path(registry.evaluate_metrics(layer)).name, result)
+    with atomic_outputs(*outputs) as (metrics_dir, summary_path, plots_dir):
+        write_scores(metrics_dir, results)
         write_json(summary_path, summary)
         plots_dir.mkdir()
         examples = slice(params.evaluate.examples)
+        test_ids = load_split(registry.SPLIT)["test"][examples]
+        scenes = load_scenes(registry.SCENES)
         losses = {
             m: (Path(registry.loss_curve(m, "train")), Path(registry.loss_curve(m, "val"))) for m in results
         }
         figures.write_all(
-            plots_dir, results, votes, (images[examples], labels[examples], predictions), losses
+            plots_dir,
+            results,
+            votes,
+            (
+                scenes.images[test_ids],
+                scenes.labels[test_ids],
+                {m: p[examples] for m, p in predictions.items()},
+            ),
+            losses,
         )
     layer = params.layer
     logger.info(
@@ -82,6 +139,15 @@ def evaluate_pipeline() -> None:
         summary["miou"][registry.BASELINE], layer, summary["miou"][layer],
         summary["position_recall"][registry.BASELINE], layer, summary["position_recall"][layer],
     )  # fmt: skip
+
+
+def evaluate_families() -> None:
+    """The content-adaptive families (families/dvc.yaml): their scores only."""
+    params = load_params()
+    fused.enable(params.train.fused_conv)
+    results, _, _ = score_layers(registry.CONTENT_ADAPTIVE, params)
+    with atomic_outputs(registry.FAMILIES_METRICS) as (metrics_dir,):
+        write_scores(metrics_dir, results)
 
 
 def main(argv: list[str]) -> None:
@@ -92,13 +158,18 @@ def main(argv: list[str]) -> None:
         "--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N | mps"
     )
     arguments.add_argument("--batch-size", type=positive_int, default=32)
+    arguments.add_argument(
+        "--families", action="store_true", help="score the content-adaptive families (families/dvc.yaml)"
+    )
     args = arguments.parse_args(argv)
     if (args.model is None) != (args.data is None):
         arguments.error("--model and --data go together")
+    if args.model and args.families:
+        arguments.error("--families scores the pipeline's models, not --model")
     if args.model:
         print(json.dumps(score_npz(args.model, args.data, args.device, args.batch_size), indent=2))
     else:
-        evaluate_pipeline()
+        evaluate_families() if args.families else evaluate_pipeline()
 
 
 if __name__ == "__main__":

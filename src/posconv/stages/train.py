@@ -16,13 +16,14 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 from dvclive import Live
 
 from posconv import distributed, fused, registry
 from posconv.cli import parser, run
-from posconv.config import Params, load_params
+from posconv.config import Params, Placement, load_params
 from posconv.data import load_scenes, load_split
 from posconv.distributed import World
 from posconv.engine import (
@@ -89,11 +90,11 @@ def summary(
     }
 
 
-def launch(layer: str, processes: int) -> None:
-    """Run this stage as `processes` DDP ranks; a failure is the failing rank's one line, and leaves no
-    temporaries even where a rank was killed before it could remove its own."""
+def launch(argv: list[str], layer: str, processes: int) -> None:
+    """Run this stage (`argv`) as `processes` DDP ranks; a failure is the failing rank's one line, and
+    leaves no temporaries even where a rank was killed before it could remove its own."""
     try:
-        distributed.launch(sys.executable, ["-m", "posconv.stages.train", layer], processes)
+        distributed.launch(sys.executable, ["-m", "posconv.stages.train", *argv], processes)
     except distributed.RankFailed as failure:
         print(f"error: {failure}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -104,14 +105,21 @@ def launch(layer: str, processes: int) -> None:
 
 def main(argv: list[str]) -> None:
     arguments = parser(__name__, __doc__)
-    arguments.add_argument("layer", choices=registry.LAYERS)
-    layer = arguments.parse_args(argv).layer
-    params = load_params()
+    arguments.add_argument("layer", choices=registry.FACTORY_LAYERS)
+    arguments.add_argument(
+        "--placement", choices=get_args(Placement), help="instead of model.placement (families/dvc.yaml)"
+    )
+    args = arguments.parse_args(argv)
+    layer, params = args.layer, load_params()
+    if args.placement:
+        params = params.model_copy(
+            update={"model": params.model.model_copy(update={"placement": args.placement})}
+        )
     device = resolve_device(params.device)
     world = World.from_env()
     if world is None and params.train.processes > 1:  # not a rank yet: start the ranks
         distributed.check(params.train.processes, device)
-        launch(layer, params.train.processes)
+        launch(argv, layer, params.train.processes)
         return
     world = world or World()  # under torchrun its world size rules, whatever train.processes says
     distributed.check(world.local_size, device)

@@ -29,7 +29,7 @@ from posconv import distributed, fused
 from posconv.cli import parser, run
 from posconv.config import TrainParams, load_params
 from posconv.data import write_scenes
-from posconv.deform import deform_conv2d, deform_conv2d_unfold
+from posconv.deform import deform_conv2d
 from posconv.distributed import World
 from posconv.engine import (
     LabelledImages,
@@ -45,7 +45,7 @@ from posconv.engine import (
     train_step,
 )
 from posconv.errors import BadInput
-from posconv.involution import involution, involution_unfold
+from posconv.involution import involution
 from posconv.io import write_json
 from posconv.layers import make_conv
 from posconv.model import FCN, ModelSpec
@@ -467,9 +467,9 @@ def _family_steps(channels: int, size: int, batch: int, memory_format: torch.mem
     steps = {name: partial(layer, x) for name, layer in layers.items()}
     steps |= {
         "involution op": lambda: involution(x, kernel, **geometry),
-        "involution op, unfold": lambda: involution_unfold(x, kernel, **geometry),
+        "involution op, unfold": lambda: involution(x, kernel, **geometry, form="unfold"),
         "deform op": lambda: deform_conv2d(x, offset, **operands),
-        "deform op, unfold": lambda: deform_conv2d_unfold(x, offset, **operands),
+        "deform op, unfold": lambda: deform_conv2d(x, offset, **operands, form="unfold"),
     }
     return steps
 

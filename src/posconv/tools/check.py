@@ -103,6 +103,8 @@ def judge(params: Params) -> list[str]:
             f"{SUMMARY} is about {summary.get('layer')!r}, params.yaml has layer {params.layer!r}",
         ]
     minimums = {"miou": params.check.min_miou, "position_recall": params.check.min_position_recall}
+    for size in params.evaluate.sizes:  # transfer: unseen scenes at the other sizes
+        minimums[f"position_recall_at_{size}"] = params.check.min_transfer_position_recall
     return problems + threshold_failures(summary, params.layer, minimums)
 
 

@@ -1,8 +1,8 @@
 """The seed study's open questions, measured over several seeds as DVC experiments.
 
-`python -m posconv.tools.study run [-j N]` queues every (variant, seed) of the grid (`posconv.grid`) with
-`dvc exp run --queue` up to the evaluate stage and runs them with `dvc queue start -j N` (the workspace
-is left alone; `posconv.tools.experiments`), then collects.
+`python -m posconv.tools.study run [-j N]` queues every (variant, seed) of the grid (`posconv.grid`)
+with `dvc exp run --queue` up to the evaluate stage of the card or of families/dvc.yaml, runs them
+with `dvc queue start -j N` (the workspace is left alone; `posconv.tools.experiments`), then collects.
 `python -m posconv.tools.study collect` finds the experiments in `dvc exp show --json`, reads their metrics
 files from git and writes `metrics/study.json`, which the report presents.
 """
@@ -14,10 +14,22 @@ import time
 from pathlib import Path
 
 from posconv.cli import parser, positive_int, run
+from posconv.config import load_params
 from posconv.errors import BadInput
-from posconv.grid import FULL_SCALE, SCALE, SEEDS, VARIANTS, aggregate, compare, experiment_name
+from posconv.grid import (
+    FULL_SCALE,
+    REPLICATES,
+    SCALE,
+    SEEDS,
+    VARIANTS,
+    Variant,
+    aggregate,
+    compare,
+    experiment_name,
+    quantities,
+)  # fmt: skip
 from posconv.io import read_json, write_json
-from posconv.registry import LAYERS, STUDY, evaluate_metrics, train_metrics
+from posconv.registry import CONTENT_ADAPTIVE, STUDY, evaluate_metrics, family_metrics, train_metrics
 from posconv.tools.experiments import (
     Experiment,
     finished,
@@ -29,13 +41,20 @@ from posconv.tools.experiments import (
 )
 
 logger = logging.getLogger(__name__)
+TARGETS = {False: "evaluate", True: "families/dvc.yaml:evaluate"}  # the card, or the families pipeline
 
 
 def grid(scale: dict) -> list[Experiment]:
-    """Every (variant, seed) of the study, up to evaluate (the report stage needs the study it feeds)."""
+    """Every (variant, seed) of the study up to its pipeline's evaluate (the report stage needs the study
+    it feeds), variant by variant, so that a variant finds the stages it shares with the earlier ones in
+    DVC's run-cache."""
     return [
-        Experiment(experiment_name(variant, seed), {"seed": seed, "train.seed": seed, **scale, **changes})
-        for variant, changes in VARIANTS.items()
+        Experiment(
+            experiment_name(name, seed),
+            {"seed": seed, "train.seed": seed, **scale, **variant.changes},
+            TARGETS[variant.families],
+        )
+        for name, variant in VARIANTS.items()
         for seed in SEEDS
     ]
 
@@ -51,9 +70,15 @@ def run_grid(scale: dict, jobs: int) -> dict:
     return {"wall_s": time.perf_counter() - started, "cpu_s": machine_cpu_seconds() - cpu, "jobs": jobs}
 
 
-def read_metrics(revision: str) -> dict[str, dict]:
-    """An experiment's metrics files of every layer."""
-    return read_files(revision, [evaluate_metrics(m) for m in LAYERS] + [train_metrics(m) for m in LAYERS])
+def metric_paths(model: str) -> tuple[str, str]:
+    """A model's (evaluation, training) metrics files in its experiment."""
+    evaluation = family_metrics(model) if model in CONTENT_ADAPTIVE else evaluate_metrics(model)
+    return evaluation, train_metrics(model)
+
+
+def read_metrics(revision: str, variant: Variant) -> dict[str, dict]:
+    """An experiment's metrics files of every model its pipeline trains."""
+    return read_files(revision, [path for model in variant.models for path in metric_paths(model)])
 
 
 def collect(cost: dict | None) -> None:
@@ -61,17 +86,23 @@ def collect(cost: dict | None) -> None:
     if cost is None and Path(STUDY).exists():
         cost = read_json(STUDY)["cost"]
     revisions = finished(show_all(), prefix="study-")
-    missing = [
-        experiment_name(v, s) for v in VARIANTS for s in SEEDS if experiment_name(v, s) not in revisions
-    ]
+    names = {experiment_name(v, s): v for v in VARIANTS for s in SEEDS}
+    missing = [name for name in names if name not in revisions]
     if missing:
         raise BadInput(
             f"no finished experiment {missing[0]} (and {len(missing) - 1} more of the grid's "
-            f"{len(VARIANTS) * len(SEEDS)}): run python -m posconv.tools.study run"
+            f"{len(names)}): run python -m posconv.tools.study run"
         )
-    results = aggregate({name: read_metrics(revisions[name]) for name in revisions})
-    write_json(STUDY, {"seeds": list(SEEDS), "scale": SCALE, "variants": VARIANTS, "cost": cost,
-                       "results": results, "comparisons": compare(results)})  # fmt: skip
+    evaluate = load_params().evaluate
+    readers = quantities(evaluate.sizes, evaluate.shifts, evaluate.scales)
+    metrics = {name: read_metrics(revisions[name], VARIANTS[variant]) for name, variant in names.items()}
+    results = aggregate(metrics, readers, metric_paths)
+    write_json(STUDY, {
+        "replicates": REPLICATES, "scale": SCALE, "evaluate": evaluate.model_dump(),
+        "variants": {name: {"changes": v.changes, "models": v.models} for name, v in VARIANTS.items()},
+        "margins": {name: q.margin for name, q in readers.items()}, "cost": cost,
+        "results": results, "comparisons": compare(results, readers),
+    })  # fmt: skip
     logger.info("wrote %s: %d variants x %d seeds", STUDY, len(VARIANTS), len(SEEDS))
 
 
