@@ -20,7 +20,7 @@ from conftest import ROOT
 
 from posconv.engine import resolve_precision
 from posconv.model import spec_fields
-from posconv.registry import LAYERS
+from posconv.registry import CONTENT_ADAPTIVE, LAYERS
 
 STAGES = ["generate", "split", "train_vanilla", "train_coordbias", "train_coordconv", "evaluate", "report"]
 MODELS = list(LAYERS)
@@ -152,6 +152,30 @@ def in_unit_interval(value: float | None) -> bool:
     return value is not None and 0.0 <= value <= 1.0
 
 
+FAMILY_TRAINS = {f"train@{family}" for family in CONTENT_ADAPTIVE}
+
+
+def check_scores(result: dict, images: int, size: int) -> None:
+    """One model's evaluation: the test split, transfer to the other sizes, equivariance errors."""
+    assert sum(map(sum, result["confusion"])) == images * size * size
+    assert len(result["recall"]) == 4 and all(r is None or 0 <= r <= 1 for r in result["recall"])
+    assert in_unit_interval(result["miou"]) and in_unit_interval(result["pixel_accuracy"])
+    assert set(result["transfer"]) == {"24", "40"}  # tests/conftest.py's evaluate.sizes
+    for side, scores in result["transfer"].items():
+        assert sum(map(sum, scores["confusion"])) == images * int(side) ** 2
+    errors = result["equivariance"]
+    assert set(errors["translation"]) == {"8"} and set(errors["scale"]) == {"0.75", "1.5"}
+    assert all(math.isfinite(e) and e >= 0 for kind in errors.values() for e in kind.values())
+
+
+def check_family_outputs(project: Path) -> None:
+    test_images = read(project, "metrics/data.json")["test"]["images"]
+    for family in CONTENT_ADAPTIVE:
+        check_scores(read(project, f"metrics/families/{family}.json"), test_images, 32)
+        spec = torch.load(project / f"models/{family}.pt", weights_only=True)["spec"]
+        assert spec["layer"] == family and spec["placement"] == "first"  # families.placement
+
+
 def check_outputs(project: Path, layer: str) -> None:
     data = read(project, "metrics/data.json")
     test_images = data["test"]["images"]
@@ -164,30 +188,44 @@ def check_outputs(project: Path, layer: str) -> None:
         loss_rows = (project / f"metrics/train/{model}/plots/metrics/train/loss.tsv").read_text().splitlines()
         assert len(loss_rows) == steps + 1  # header + one row per step
         result = read(project, f"metrics/evaluate/{model}.json")
-        assert sum(map(sum, result["confusion"])) == test_images * 32 * 32
-        assert len(result["recall"]) == 4 and all(r is None or 0 <= r <= 1 for r in result["recall"])
-        assert in_unit_interval(result["miou"]) and in_unit_interval(result["pixel_accuracy"])
+        check_scores(result, test_images, 32)
         assert result["inference_images_per_s"] > 0
     summary = read(project, "metrics/summary.json")
     assert summary["layer"] == layer
     assert set(summary["miou"]) == {"vanilla", layer, "difference"}
     assert summary["parameters"][layer] > summary["parameters"]["vanilla"]
+    assert set(summary["position_recall_at_40"]) == {"vanilla", layer, "difference"}
     report = (project / "plots/report.md").read_text()
     assert f"`{layer}` against `vanilla`" in report
 
 
 @pytest.mark.slow
 def test_repro_then_experiment_then_compare(project: Path, sh: Callable) -> None:
-    assert ran_stages(sh("dvc", "repro").stdout) == set(STAGES)
+    assert ran_stages(sh("dvc", "repro").stdout) == set(STAGES)  # the card only, not families/dvc.yaml
     check_outputs(project, "coordbias")
+    families = sh("dvc", "repro", "families/dvc.yaml").stdout  # its data stages are the card's, done
+    assert set(re.findall(r"Running stage 'families/dvc.yaml:([\w@]+)'", families)) == {
+        *FAMILY_TRAINS,
+        "evaluate",
+    }
+    check_family_outputs(project)
     assert "up to date" in sh("dvc", "status").stdout
 
     # Each param invalidates exactly the stages that read it; the rest follows from the DAG.
     # (report reads every group: it prints the params it ran with.)
-    assert stages_changed_by(project, sh, "generate", "images", 60) == {"generate", "split", "report"}
-    assert stages_changed_by(project, sh, "train", "epochs", 2) == {*STAGES[2:5], "report"}
-    assert stages_changed_by(project, sh, "evaluate", "examples", 1) == {"evaluate", "report"}
+    family = {f"families/dvc.yaml:{stage}" for stage in FAMILY_TRAINS}
+    evaluates = {"evaluate", "families/dvc.yaml:evaluate"}
+    assert stages_changed_by(project, sh, "generate", "images", 60) == {
+        "generate",
+        "split",
+        "report",
+        *evaluates,
+    }
+    assert stages_changed_by(project, sh, "train", "epochs", 2) == {*STAGES[2:5], "report", *family}
+    assert stages_changed_by(project, sh, "evaluate", "examples", 1) == {"report", *evaluates}
     assert stages_changed_by(project, sh, "model", "with_r", True) == {"train_coordconv", "report"}
+    assert stages_changed_by(project, sh, "model", "coords_per_input", True) == {"train_coordbias", "report"}
+    assert stages_changed_by(project, sh, "families", "placement", "all") == family
 
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "tiny results")

@@ -23,6 +23,8 @@ def fake_metrics(position_gain: float) -> tuple[dict, dict, dict]:
             "miou": 0.5 + index / 10, "pixel_accuracy": 0.9,
             "recall": [0.99, *(r + gain for r in (0.6, 0.7, 0.5))],
             "position_error_rate": 0.3 - gain, "circle_accuracy": 0.6 + gain, "inference_images_per_s": 100.0,
+            "transfer": {"96": {"recall": [0.99, 0.5 + gain, 0.5, 0.5]}},
+            "equivariance": {"translation": {"8": 0.1 + index}, "scale": {"1.5": 0.2}},
         }  # fmt: skip
         training[model] = {
             "parameters": 1000 + 500 * index, "train_images_per_s": 20.0 - index,
@@ -88,6 +90,8 @@ def test_report_numbers_come_from_the_metrics(gain: float, word: str) -> None:
         row = table_row(report, f"`{model}`")
         assert row[1] == fmt(evaluation[model]["miou"])
         assert row[3:7] == [fmt(r) for r in evaluation[model]["recall"]]
+        transfer = (1.5 + gain) / 3 if model != "vanilla" else 0.5
+        assert row[9:12] == [fmt(transfer), fmt(0.1 + MODELS.index(model)), fmt(0.2)]
         assert row[-1] == fmt(training[model]["steps_to_position_recall_0_9"])
     assert f"**{word}" in report
     for row in study["comparisons"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from posconv.config import Params
+from posconv.metrics import position_recall
 from posconv.registry import BASELINE, CLASS_NAMES, LAYERS
 
 MARGIN = 0.05  # a position-recall difference smaller than this is not called a gain or a loss
@@ -64,6 +65,9 @@ def headline_section(summary: dict) -> str:
 
 
 def models_section(evaluation: dict[str, dict], training: dict[str, dict]) -> str:
+    first = next(iter(evaluation.values()))
+    sizes = list(first["transfer"])
+    errors = [(kind, amount) for kind, by_amount in first["equivariance"].items() for amount in by_amount]
     header = [
         "model",
         "mIoU",
@@ -71,6 +75,8 @@ def models_section(evaluation: dict[str, dict], training: dict[str, dict]) -> st
         *(f"recall {c}" for c in CLASSES),
         "position error rate",
         "circle accuracy",
+        *(f"position recall at {size} px" for size in sizes),
+        *(f"{kind} error {amount}" for kind, amount in errors),
         "parameters",
         "train img/s",
         "steps to position recall 0.9",
@@ -83,13 +89,21 @@ def models_section(evaluation: dict[str, dict], training: dict[str, dict]) -> st
             *e["recall"],
             e["position_error_rate"],
             e["circle_accuracy"],
+            *(position_recall(e["transfer"][size]["recall"]) for size in sizes),
+            *(e["equivariance"][kind][amount] for kind, amount in errors),
             training[m]["parameters"],
             training[m]["train_images_per_s"],
             training[m]["steps_to_position_recall_0_9"],
         ]
         for m, e in evaluation.items()
     ]
-    return "## All models (test split)\n\n" + table(header, rows)
+    note = (
+        "Transfer: position recall on unseen scenes drawn by the same rules at other image sides "
+        "(`evaluate.sizes`; coordinates are relative to the image, DESIGN.md §3). Equivariance error: "
+        "‖Φ(T f) − T Φ(f)‖ / ‖T Φ(f)‖ of the logits under a translation by that many pixels (interior "
+        "pixels) or a rescaling by that factor (DESIGN.md §5)."
+    )
+    return f"## All models (test split)\n\n{note}\n\n" + table(header, rows)
 
 
 def _reached(steps: int | None, total: int) -> str:

@@ -93,7 +93,7 @@ def collect(cost: dict | None) -> None:
             f"no finished experiment {missing[0]} (and {len(missing) - 1} more of the grid's "
             f"{len(names)}): run python -m posconv.tools.study run"
         )
-    evaluate = load_params().evaluate
+    evaluate = load_params().evaluate.model_copy(update={"sizes": SCALE["evaluate.sizes"]})
     readers = quantities(evaluate.sizes, evaluate.shifts, evaluate.scales)
     metrics = {name: read_metrics(revisions[name], VARIANTS[variant]) for name, variant in names.items()}
     results = aggregate(metrics, readers, metric_paths)
