@@ -55,12 +55,18 @@ def fake_run(variant: str, seed: int) -> dict:
     return files
 
 
+def fake_runs() -> dict[str, dict]:
+    return {
+        f"study-{name}-s{s}": fake_run(name, s) for name, variant in VARIANTS.items() for s in variant.seeds
+    }
+
+
 def fake_study() -> dict:
-    runs = {f"study-{v}-s{s}": fake_run(v, s) for v in VARIANTS for s in SEEDS}
-    results = aggregate(runs, READERS, metric_paths)
+    results = aggregate(fake_runs(), READERS, metric_paths)
     return {
         "replicates": REPLICATES, "scale": {"generate.size": 64}, "cost": {"wall_s": 100.0, "cpu_s": 190.0},
-        "variants": {name: {"changes": v.changes, "models": v.models} for name, v in VARIANTS.items()},
+        "variants": {n: {"changes": v.changes, "models": v.models, "seeds": v.seeds}
+                     for n, v in VARIANTS.items()},
         "margins": {name: q.margin for name, q in READERS.items()},
         "results": results, "comparisons": compare(results, READERS),
     }  # fmt: skip
@@ -68,12 +74,13 @@ def fake_study() -> dict:
 
 def test_experiments_are_named_and_set_params_as_dvc_expects() -> None:
     experiments = {experiment.name: experiment for experiment in grid({"generate.size": 64})}
-    assert len(experiments) == len(VARIANTS) * len(SEEDS) and len(SEEDS) >= 10
+    assert len(experiments) == sum(len(v.seeds) for v in VARIANTS.values()) and len(SEEDS) >= 10
+    assert all(len(v.seeds) >= 5 for v in VARIANTS.values())
     args = experiments["study-batchnorm-s2"].queue_args()
     assert args[:6] == ["exp", "run", "--queue", "-f", "-n", "study-batchnorm-s2"]
     assert args[6:-1:2] == ["-S"] * 4 and args[-1] == "evaluate"
     assert args[7:-1:2] == ["seed=2", "train.seed=2", "generate.size=64", "model.encoder_batchnorm=true"]
-    assert experiments["study-families-s7"].queue_args()[-1] == "families/dvc.yaml:evaluate"
+    assert experiments["study-families-s3"].queue_args()[-1] == "families/dvc.yaml:evaluate"
     assert Experiment("x", {"a": 1.5}, "train_vanilla").queue_args()[-3:] == ["-S", "a=1.5", "train_vanilla"]
     names = [e.name for e in grid({})]  # variant by variant: the run-cache serves later variants
     assert names.index("study-baseline-s9") < names.index("study-per_input-s0")
@@ -164,11 +171,15 @@ def test_results_and_verdicts_follow_the_metrics() -> None:
     assert steps["all"]["verdict"] == "A lower"  # reached by step 20-29 against never within 60
     family = rows[("Families: coordinvolution vs involution", "translation_error_8")]
     assert family["all"]["difference"] == pytest.approx(-0.45) and family["all"]["verdict"] == "A lower"
+    assert family["seeds"] == list(VARIANTS["families"].seeds)  # the seeds both arms ran
+    assert family["B"] is None and family["replicated"] is None  # the families ran one replicate
+    versus_vanilla = rows[("Families: involution vs vanilla", "position_recall")]
+    assert versus_vanilla["seeds"] == list(REPLICATES["A"]) and versus_vanilla["A"] is not None
     assert rows[("Headline: coordbias vs vanilla", "parameters")]["all"]["verdict"] is None
 
 
 def test_a_verdict_that_differs_between_replicates_is_not_replicated() -> None:
-    runs = {f"study-{v}-s{s}": fake_run(v, s) for v in VARIANTS for s in SEEDS}
+    runs = fake_runs()
     for seed in REPLICATES["B"]:  # the second replicate: BatchNorm erases coordbias's gain
         scores = runs[f"study-batchnorm-s{seed}"]["metrics/evaluate/coordbias.json"]
         scores["recall"] = [0.99, 0.45, 0.45, 0.45 + 0.01 * seed]

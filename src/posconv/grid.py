@@ -52,6 +52,7 @@ class Variant:
 
     changes: dict
     families: bool = False  # families/dvc.yaml (the content-adaptive layers), not the card
+    seeds: tuple[int, ...] = SEEDS
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -62,7 +63,9 @@ VARIANTS = {
     "baseline": Variant({}),
     "batchnorm": Variant({"model.encoder_batchnorm": True}),  # Q1
     "per_input": Variant({"model.coords_per_input": True}),  # the seed's first coordinate-bias form
-    "families": Variant({}, families=True),  # involution and deformable conv, alone and with coordinates
+    # involution and deformable conv, alone and with coordinates: ~3 minutes a seed here, so the first
+    # replicate only (both would take the grid past its hour on a 2-core CPU)
+    "families": Variant({}, families=True, seeds=REPLICATES["A"]),
 }
 # (question, (variant, model) A, (variant, model) B)
 COMPARISONS = [
@@ -169,12 +172,14 @@ def spread(values: list[float], censored: int = 0) -> dict:
 
 
 def aggregate(metrics: dict[str, dict], readers: dict[str, Quantity], paths: Callable) -> dict:
-    """variant -> model -> quantity -> values over SEEDS with mean/min/max. A learning-speed target a
-    seed missed counts as the run's step count (a lower bound; `censored` says how many)."""
+    """variant -> model -> quantity -> values over the variant's seeds with mean/min/max. A learning-speed
+    target a seed missed counts as the run's step count (a lower bound; `censored` says how many)."""
     results: dict = {}
     for name, variant in VARIANTS.items():
         for model in variant.models:
-            files = [tuple(metrics[experiment_name(name, seed)][p] for p in paths(model)) for seed in SEEDS]
+            files = [
+                tuple(metrics[experiment_name(name, seed)][p] for p in paths(model)) for seed in variant.seeds
+            ]
             entry = results.setdefault(name, {}).setdefault(model, {})
             for quantity, q in readers.items():
                 raw = [q.read(*f) for f in files]
@@ -186,30 +191,35 @@ def aggregate(metrics: dict[str, dict], readers: dict[str, Quantity], paths: Cal
     return results
 
 
-def _judged(a: list[float], b: list[float], margin: float | None) -> dict:
-    mean, low, high = paired_interval([x - y for x, y in zip(a, b, strict=True)])
+def _judged(
+    a: dict[int, float], b: dict[int, float], seeds: tuple[int, ...], margin: float | None
+) -> dict | None:
+    """The rule on `seeds`; None where an arm did not run one of them."""
+    if not set(seeds) <= set(a) & set(b):
+        return None
+    mean, low, high = paired_interval([a[s] - b[s] for s in seeds])
     return {"difference": mean, "low": low, "high": high, "verdict": verdict(low, high, mean, margin)}
 
 
 def compare(results: dict, readers: dict[str, Quantity]) -> list[dict]:
-    """Every comparison on every quantity: per replicate and over all seeds, the paired difference, its
-    95% interval and the verdict; `replicated` when both replicates give the same verdict."""
+    """Every comparison on every quantity: per replicate and over all the seeds both arms ran, the paired
+    difference, its 95% interval and the verdict; `replicated`: True when both replicates give the same
+    verdict, False when they differ, None when an arm ran one replicate only."""
     rows = []
-    positions = {name: [SEEDS.index(s) for s in seeds] for name, seeds in REPLICATES.items()}
-    positions[ALL] = list(range(len(SEEDS)))
     for question, (variant_a, model_a), (variant_b, model_b) in COMPARISONS:
+        seeds_a, seeds_b = VARIANTS[variant_a].seeds, VARIANTS[variant_b].seeds
+        both = tuple(seed for seed in SEEDS if seed in seeds_a and seed in seeds_b)
         for quantity, q in readers.items():
-            a = results[variant_a][model_a][quantity]["values"]
-            b = results[variant_b][model_b][quantity]["values"]
-            judged = {
-                name: _judged([a[i] for i in at], [b[i] for i in at], q.margin)
-                for name, at in positions.items()
-            }
-            verdicts = {judged[name]["verdict"] for name in REPLICATES}
+            a = dict(zip(seeds_a, results[variant_a][model_a][quantity]["values"], strict=True))
+            b = dict(zip(seeds_b, results[variant_b][model_b][quantity]["values"], strict=True))
+            judged = {name: _judged(a, b, seeds, q.margin) for name, seeds in REPLICATES.items()}
+            judged[ALL] = _judged(a, b, both, q.margin)
+            ran = [judged[name] for name in REPLICATES]
+            replicated = None if None in ran else len({j["verdict"] for j in ran}) == 1  # type: ignore[index]
             rows.append({
-                "question": question, "quantity": quantity, "margin": q.margin,
-                "a": f"{variant_a}/{model_a}", "b": f"{variant_b}/{model_b}", **judged,
-                "replicated": len(verdicts) == 1 and None not in verdicts,
+                "question": question, "quantity": quantity, "margin": q.margin, "seeds": list(both),
+                "a": f"{variant_a}/{model_a}", "b": f"{variant_b}/{model_b}",
+                **judged, "replicated": replicated,
             })  # fmt: skip
     return rows
 

@@ -154,14 +154,25 @@ RULE = (
     "lies within ± the margin, *undecided* otherwise. Margins: 0.05 for recalls and mIoU, 20 steps for "
     "steps to validation position recall 0.9 (a seed that never reached it counts as its run's step "
     "count, a lower bound), 0.02 for equivariance errors. The rule is applied to each of the two "
-    "independent replicates (seeds 0-4 and 5-9) and to all ten seeds."
+    "independent replicates (seeds 0-4 and 5-9) and to all the seeds both arms ran."
 )
-ANSWERED = ("position_recall", "steps_to_position_recall_0_9")  # each question's one-line answer
+ANSWERED = {  # each question's one-line answer: quantity -> its words
+    "position_recall": "test position recall",
+    "steps_to_position_recall_0_9": "steps to validation position recall 0.9",
+}
 
 
 def judged(side: dict) -> str:
     """A difference with its 95% interval and verdict."""
     return f"{fmt(side['difference'])} [{fmt(side['low'])}, {fmt(side['high'])}]: {side['verdict']}"
+
+
+def said_by(side: dict | None) -> str:
+    """A replicate's verdict, or why there is none."""
+    return side["verdict"] if side else "not run"
+
+
+REPLICATED = {True: "replicated", False: "NOT replicated", None: "one replicate"}
 
 
 def _mean(study: dict, arm: str, quantity: str) -> float:
@@ -171,15 +182,14 @@ def _mean(study: dict, arm: str, quantity: str) -> float:
 
 def answer(study: dict, rows: dict[str, dict]) -> str:
     """One question in a line: the verdicts on position recall and learning speed, per replicate."""
-    first = rows[ANSWERED[0]]
+    first = rows["position_recall"]
     parts = []
-    for quantity in ANSWERED:
+    for quantity, words in ANSWERED.items():
         row = rows[quantity]
         a, b = (_mean(study, row[arm], quantity) for arm in ("a", "b"))
-        same = "replicated" if row["replicated"] else "NOT replicated"
         parts.append(
-            f"{quantity.replace('_', ' ')} {fmt(a)} vs {fmt(b)}, A - B {judged(row['all'])} "
-            f"(replicates: {row['A']['verdict']} / {row['B']['verdict']}, {same})"
+            f"{words} {fmt(a)} vs {fmt(b)}, A - B {judged(row['all'])} "
+            f"(replicates: {said_by(row['A'])} / {said_by(row['B'])}, {REPLICATED[row['replicated']]})"
         )
     return f"- **{first['question']}** (A `{first['a']}`, B `{first['b']}`): " + "; ".join(parts) + "."
 
@@ -191,9 +201,9 @@ def family_table(study: dict) -> str:
         [f"`{variant}/{model}`", *(values[q]["mean"] for q in quantities)]
         for variant, models in study["results"].items()
         for model, values in models.items()
-        if variant in ("baseline", "per_input", "families") or (variant, model) == ("wide", BASELINE)
+        if variant != "per_input" or model == "coordbias"  # its other networks are the baseline's (run-cache)
     ]
-    header = ["model", *(q.replace("_", " ") for q in quantities)]
+    header = ["model", *(q.replace("_0_9", " 0.9").replace("_", " ") for q in quantities)]
     return table(header, rows)
 
 
@@ -210,8 +220,8 @@ def comparisons_table(study: dict) -> str:
     ]
     rows = [
         [row["question"], row["quantity"], _mean(study, row["a"], row["quantity"]),
-         _mean(study, row["b"], row["quantity"]), judged(row["all"]), row["A"]["verdict"],
-         row["B"]["verdict"], "yes" if row["replicated"] else "**no**"]
+         _mean(study, row["b"], row["quantity"]), judged(row["all"]), said_by(row["A"]),
+         said_by(row["B"]), {True: "yes", False: "**no**", None: "one replicate"}[row["replicated"]]]
         for row in study["comparisons"] if row["margin"] is not None
     ]  # fmt: skip
     return table(header, rows)
@@ -258,14 +268,16 @@ def study_section(study: dict) -> str:
         by_question.setdefault(row["question"], {})[row["quantity"]] = row
     answers = "\n".join(answer(study, rows) for rows in by_question.values())
     cost = study["cost"] or {}
-    seeds = sum(len(seeds) for seeds in study["replicates"].values())
+    seeds = {name: len(v["seeds"]) for name, v in study["variants"].items()}
     scale = ", ".join(f"`{key}={value}`" for key, value in study["scale"].items())
+    grid = ", ".join(f"{name} x {count} seeds" for name, count in seeds.items())
+    command = f"python -m posconv.tools.study run -j {cost.get('jobs', 1)}"
+    wall = cost.get("wall_s")
     intro = (
-        f"{len(study['variants'])} variants x {seeds} seeds (data and training seed together) as DVC "
-        f"experiments on DVC's queue (`python -m posconv.tools.study run -j {cost.get('jobs', 1)}`) at a "
-        f"reduced scale: {scale}; the content-adaptive families at `families.placement` of params.yaml. "
-        f"Total cost: {fmt(cost.get('wall_s'))} s wall ({fmt((cost.get('wall_s') or 0) / 60)} min), "
-        f"{fmt(cost.get('cpu_s'))} s CPU of the machine."
+        f"{sum(seeds.values())} experiments ({grid}; data and training seed together) as DVC experiments "
+        f"on DVC's queue (`{command}`) at a reduced scale: {scale}; the content-adaptive families at "
+        f"`families.placement` of params.yaml. Total cost: {fmt(wall)} s wall "
+        f"({(wall or 0) / 60:.1f} min), {fmt(cost.get('cpu_s'))} s CPU of the machine."
     )
     sections = [
         intro, RULE, BATCHNORM_ARGUMENT, answers, agreement(study),

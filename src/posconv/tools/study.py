@@ -20,7 +20,6 @@ from posconv.grid import (
     FULL_SCALE,
     REPLICATES,
     SCALE,
-    SEEDS,
     VARIANTS,
     Variant,
     aggregate,
@@ -55,7 +54,7 @@ def grid(scale: dict) -> list[Experiment]:
             TARGETS[variant.families],
         )
         for name, variant in VARIANTS.items()
-        for seed in SEEDS
+        for seed in variant.seeds
     ]
 
 
@@ -86,7 +85,7 @@ def collect(cost: dict | None) -> None:
     if cost is None and Path(STUDY).exists():
         cost = read_json(STUDY)["cost"]
     revisions = finished(show_all(), prefix="study-")
-    names = {experiment_name(v, s): v for v in VARIANTS for s in SEEDS}
+    names = {experiment_name(name, s): name for name, variant in VARIANTS.items() for s in variant.seeds}
     missing = [name for name in names if name not in revisions]
     if missing:
         raise BadInput(
@@ -97,13 +96,15 @@ def collect(cost: dict | None) -> None:
     readers = quantities(evaluate.sizes, evaluate.shifts, evaluate.scales)
     metrics = {name: read_metrics(revisions[name], VARIANTS[variant]) for name, variant in names.items()}
     results = aggregate(metrics, readers, metric_paths)
+    variants = {
+        name: {"changes": v.changes, "models": v.models, "seeds": v.seeds} for name, v in VARIANTS.items()
+    }
     write_json(STUDY, {
-        "replicates": REPLICATES, "scale": SCALE, "evaluate": evaluate.model_dump(),
-        "variants": {name: {"changes": v.changes, "models": v.models} for name, v in VARIANTS.items()},
+        "replicates": REPLICATES, "scale": SCALE, "evaluate": evaluate.model_dump(), "variants": variants,
         "margins": {name: q.margin for name, q in readers.items()}, "cost": cost,
         "results": results, "comparisons": compare(results, readers),
     })  # fmt: skip
-    logger.info("wrote %s: %d variants x %d seeds", STUDY, len(VARIANTS), len(SEEDS))
+    logger.info("wrote %s: %d variants, %d experiments", STUDY, len(VARIANTS), len(names))
 
 
 def main(argv: list[str]) -> None:
@@ -115,9 +116,19 @@ def main(argv: list[str]) -> None:
     arguments.add_argument(
         "-j", "--jobs", type=positive_int, default=1, help="DVC queue workers (dvc queue start -j)"
     )
+    arguments.add_argument(
+        "--wall-s",
+        type=positive_int,
+        help="collect: the wall seconds of a grid whose workers finished it without the tool (by hand)",
+    )
     args = arguments.parse_args(argv)
     scale = FULL_SCALE if args.full_scale else SCALE
-    cost = run_grid(scale, args.jobs) if args.step == "run" else None
+    if args.step == "run":
+        cost = run_grid(scale, args.jobs)
+    else:
+        cost = (
+            None if args.wall_s is None else {"wall_s": float(args.wall_s), "cpu_s": None, "jobs": args.jobs}
+        )
     collect(cost)
 
 
