@@ -62,9 +62,9 @@ class Variant:
 VARIANTS = {
     "baseline": Variant({}),
     "batchnorm": Variant({"model.encoder_batchnorm": True}),  # Q1
-    "per_input": Variant({"model.coords_per_input": True}),  # the seed's first coordinate-bias form
-    # involution and deformable conv, alone and with coordinates: ~3 minutes a seed here, so the first
-    # replicate only (both would take the grid past its hour on a 2-core CPU)
+    # the seed's first coordinate-bias form, and (below) involution and deformable conv alone and with
+    # coordinates: the first replicate only, as both would take the grid past its hour on a 2-core CPU
+    "per_input": Variant({"model.coords_per_input": True}, seeds=REPLICATES["A"]),
     "families": Variant({}, families=True, seeds=REPLICATES["A"]),
 }
 # (question, (variant, model) A, (variant, model) B)
