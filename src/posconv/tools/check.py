@@ -42,7 +42,7 @@ def stale_stages(repo: Repo) -> list[str]:
     """Changes `dvc status` reports, except cached outputs (and their copies as deps) missing here."""
     cached = {str(out) for stage in repo.index.stages for out in stage.outs if out.use_cache}
     problems = []
-    for stage, changes in repo.status(targets=JUDGED).items():
+    for stage, changes in repo.status(targets=[path for path in JUDGED if Path(path).is_file()]).items():
         for change in changes:
             if isinstance(change, str):
                 problems.append(f"{stage}: {change}")
