@@ -172,7 +172,8 @@ def said_by(side: dict | None) -> str:
     return side["verdict"] if side else "not run"
 
 
-REPLICATED = {True: "replicated", False: "NOT replicated", None: "one replicate"}
+REPLICATED = {True: "replicated", False: "NOT replicated", None: "one replicate"}  # in an answer's line
+REPLICATED_CELL = {True: "yes", False: "**no**", None: "one replicate"}  # in the comparisons table
 
 
 def _mean(study: dict, arm: str, quantity: str) -> float:
@@ -201,7 +202,7 @@ def family_table(study: dict) -> str:
         [f"`{variant}/{model}`", *(values[q]["mean"] for q in quantities)]
         for variant, models in study["results"].items()
         for model, values in models.items()
-        if variant != "per_input" or model == "coordbias"  # its other networks are the baseline's (run-cache)
+        if variant != "per_input" or model == "coordbias"  # its other networks are the baseline's again
     ]
     header = ["model", *(q.replace("_0_9", " 0.9").replace("_", " ") for q in quantities)]
     return table(header, rows)
@@ -221,7 +222,7 @@ def comparisons_table(study: dict) -> str:
     rows = [
         [row["question"], row["quantity"], _mean(study, row["a"], row["quantity"]),
          _mean(study, row["b"], row["quantity"]), judged(row["all"]), said_by(row["A"]),
-         said_by(row["B"]), {True: "yes", False: "**no**", None: "one replicate"}[row["replicated"]]]
+         said_by(row["B"]), REPLICATED_CELL[row["replicated"]]]
         for row in study["comparisons"] if row["margin"] is not None
     ]  # fmt: skip
     return table(header, rows)
