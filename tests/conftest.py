@@ -18,7 +18,7 @@ TINY = {  # a pipeline that runs in seconds on a CPU
     "model": {"width": 4},
     "train": {"epochs": 1, "batch_size": 8, "val_every": 2},
     "evaluate": {"examples": 2, "sizes": [24, 40], "equivariance_images": 4},
-    "check": {"min_miou": 0.0, "min_position_recall": 0.0},
+    "check": {"min_miou": 0.0, "min_position_recall": 0.0, "min_transfer_position_recall": 0.0},
 }
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -81,6 +82,9 @@ def test_killed_mid_training_leaves_nothing_and_repro_redoes_it(
         env=sh.env,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a job a non-interactive shell starts in the background ignores SIGINT,
+        # and Python keeps an ignored SIGINT ignored (what a user's Ctrl-C reaches is the default)
+        preexec_fn=partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
     )
 
     def logged_steps() -> int:  # DVCLive logs into a temporary folder until the run ends

@@ -329,17 +329,30 @@ _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, quick: bool) -> float:
-    """The machine's own peak in `dtype`: FLOP/s of a large square matmul, the best of a few."""
-    n = 256 if quick else 2048
+    """The machine's own peak in `dtype`: FLOP/s of the faster of a large square matmul and a large
+    channels_last 3x3 convolution, the best of a few after a warm-up. Both, because a CPU without
+    native bf16 runs bf16 matmul on a slow reference path while oneDNN still converts convolutions."""
+    n, channels = (512, 64) if quick else (2048, 128)
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    images = torch.randn(8, channels, 64, 64, device=device).to(dtype, memory_format=torch.channels_last)
+    weight = torch.randn(channels, channels, 3, 3, device=device).to(dtype)
+    probes = {
+        2 * n**3: lambda: a @ b,
+        2 * images.numel() * channels * 9: lambda: torch.nn.functional.conv2d(images, weight, padding=1),
+    }
+    return max(flops / _best_time(probe, device, 3 if quick else 8) for flops, probe in probes.items())
+
+
+def _best_time(probe: Callable[[], object], device: torch.device, repeats: int) -> float:
+    probe()  # warm-up: oneDNN builds its kernel on the first call
     best = math.inf
-    for _ in range(3 if quick else 8):
+    for _ in range(repeats):
         synchronize(device)
         started = time.perf_counter()
-        a @ b
+        probe()
         synchronize(device)
         best = min(best, time.perf_counter() - started)
-    return 2 * n**3 / best
+    return best
 
 
 _PROCESSES = 2  # DDP ranks timed against one process
@@ -381,7 +394,7 @@ def bench_train(args: argparse.Namespace) -> None:
     print(
         f"train, width {params.model.width}, {params.generate.size} px, batch {params.train.batch_size}, "
         f"{device} ({_cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}); "
-        f"peak (matmul): fp32 {peaks['fp32'] / 1e12:.3f}, bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s"
+        f"peak (matmul or conv): fp32 {peaks['fp32'] / 1e12:.3f}, bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s"
     )
     for layer in LAYERS:
         flops = flops_per_image(specs[layer], one_epoch, data)
