@@ -182,6 +182,12 @@ GATE_CASES = [  # (case, edit of the committed project, exit code, fragment of t
         "FAIL study/dvc.yaml:study: changed deps src/posconv/grid.py modified",
     ),
     (
+        "family params changed after their run",
+        replace_in("params.yaml", "placement: first", "placement: all"),
+        1,
+        "FAIL families/dvc.yaml:train@coorddeform: changed deps params.yaml families.placement modified",
+    ),
+    (
         "committed metrics edited",
         json_edit("metrics/evaluate/vanilla.json", lambda d: d | {"miou": 1.0}),
         1,
