@@ -188,6 +188,12 @@ GATE_CASES = [  # (case, edit of the committed project, exit code, fragment of t
         "FAIL families/dvc.yaml:train@coorddeform: changed deps params.yaml families.placement modified",
     ),
     (
+        "family pipeline file deleted, its results kept",
+        lambda d: (d / "families/dvc.yaml").unlink(),
+        1,
+        "FAIL families/dvc.lock: results without their pipeline file families/dvc.yaml",
+    ),
+    (
         "committed metrics edited",
         json_edit("metrics/evaluate/vanilla.json", lambda d: d | {"miou": 1.0}),
         1,

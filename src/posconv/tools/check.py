@@ -4,8 +4,8 @@
 they are missing, stale or below them (a FAIL line for each), 2 when its own inputs are malformed.
 Stale means `dvc status` finds a stage whose params, code or git-tracked outputs differ from its lock,
 in every pipeline whose results are committed (`dvc.yaml`, `study/dvc.yaml`, `families/dvc.yaml`, where
-present); cached data and models are absent from a fresh clone and are not held against it. It also
-prints `dvc metrics diff --md` against the previous commit.
+present; a lock without its pipeline file fails); cached data and models are absent from a fresh clone
+and are not held against it. It also prints `dvc metrics diff --md` against the previous commit.
 """
 
 from __future__ import annotations
@@ -41,8 +41,13 @@ def _changes(kind: str, paths: object) -> Iterator[tuple[str, str]]:
 def stale_stages(repo: Repo) -> list[str]:
     """Changes `dvc status` reports, except cached outputs (and their copies as deps) missing here."""
     cached = {str(out) for stage in repo.index.stages for out in stage.outs if out.use_cache}
-    problems = []
-    for stage, changes in repo.status(targets=[path for path in JUDGED if Path(path).is_file()]).items():
+    present = [path for path in JUDGED if Path(path).is_file()]
+    problems = [  # a lock left without its pipeline file: results nothing can re-make or judge
+        f"{lock}: results without their pipeline file {path}"
+        for path in JUDGED
+        if path not in present and (lock := Path(path).with_suffix(".lock")).is_file()
+    ]
+    for stage, changes in repo.status(targets=present).items():
         for change in changes:
             if isinstance(change, str):
                 problems.append(f"{stage}: {change}")
