@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posconv.coords import centre_coords, check_convention, input_grid, output_grid, pixel_coords
+from posconv.layers.coords import centre_coords, check_convention, input_grid, output_grid, pixel_coords
 
 CPU = torch.device("cpu")
 

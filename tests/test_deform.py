@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from test_layers import _forward_and_grads
 from torch import nn
 
-from posconv.deform import CoordDeformConv2d, DeformConv2d, Form, deform_conv2d
+from posconv.layers.deform import CoordDeformConv2d, DeformConv2d, Form, deform_conv2d
 
 # PyTorch's note that an even kernel with padding="same" pads a copy of the input: expected here
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from test_layers import _forward_and_grads
 from torch import nn
 
-from posconv.involution import (
+from posconv.layers.involution import (
     CoordInvolution2d,
     Involution2d,
     involution,

@@ -12,10 +12,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from posconv import fused
-from posconv.layers import LAYER_OPTIONS, CoordBias2d, CoordConv2d, make_conv
+from posconv.layers import LAYER_OPTIONS, CoordBias2d, CoordConv2d, fused, make_conv
+from posconv.layers.position_term import term_map
 from posconv.model import FCN, ModelSpec, load_model, save_model
-from posconv.position_term import term_map
 from posconv.registry import FACTORY_LAYERS, LAYERS
 
 # PyTorch's note that an even kernel with padding="same" pads a copy of the input: expected here

@@ -27,6 +27,11 @@ MODELS = list(LAYERS)
 SRC = ROOT / "src"
 
 
+def is_module(name: str) -> bool:
+    path = SRC / name.replace(".", "/")
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
 def module_file(name: str) -> Path:
     path = SRC / f"{name.replace('.', '/')}.py"
     return path if path.exists() else SRC / name.replace(".", "/") / "__init__.py"
@@ -40,12 +45,16 @@ def imported_modules(module: str) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
+        parent = name.rpartition(".")[0]
+        if parent != "posconv" and "import" in module_file(parent).read_text():
+            todo.append(parent)  # importing a submodule runs its package's __init__ first
         tree = ast.parse(module_file(name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module == "posconv":
                 todo += [f"posconv.{alias.name}" for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("posconv."):
-                todo.append(node.module)
+                named = (f"{node.module}.{alias.name}" for alias in node.names)
+                todo += [node.module, *filter(is_module, named)]  # from posconv.layers import fused
             elif isinstance(node, ast.Import):
                 todo += [alias.name for alias in node.names if alias.name.startswith("posconv.")]
     return seen
@@ -56,7 +65,10 @@ def sources(*modules: str) -> set[str]:
 
 
 def listed_sources(stage: dict) -> set[str]:
-    return {dep for dep in stage["deps"] if dep.startswith("src/")}
+    """The source files a stage lists, a listed folder (a package) standing for its .py files."""
+    listed = {dep for dep in stage["deps"] if dep.startswith("src/")}
+    folders = {dep for dep in listed if (ROOT / dep).is_dir()}
+    return (listed - folders) | {str(p.relative_to(ROOT)) for f in folders for p in (ROOT / f).glob("*.py")}
 
 
 def test_dvc_yaml_has_the_stages_and_lists_exactly_the_sources_each_reads() -> None:
@@ -81,8 +93,9 @@ def test_study_and_benchmark_stages_list_the_sources_their_results_depend_on() -
 
 def library_modules() -> list[str]:
     """Every module of the library: all of posconv outside its stages and tools packages."""
-    files = (SRC / "posconv").glob("*.py")
-    return sorted(f"posconv.{path.stem}" for path in files if path.stem != "__init__")
+    files = [*(SRC / "posconv").glob("*.py"), *(SRC / "posconv/layers").glob("*.py")]
+    names = (".".join(path.relative_to(SRC).with_suffix("").parts) for path in files)
+    return sorted(name.removesuffix(".__init__") for name in names if name != "posconv.__init__")
 
 
 @pytest.mark.parametrize("module", library_modules())

@@ -228,6 +228,6 @@ def test_dvc_status_shows_the_study_and_the_benchmark_stale_when_their_inputs_ch
     with (checkout / "src/posconv/grid.py").open("a") as source:
         source.write("# another grid\n")
     assert changed_stages(checkout) == {"study"}
-    with (checkout / "src/posconv/layers.py").open("a") as source:
+    with (checkout / "src/posconv/layers/factory.py").open("a") as source:
         source.write("# another layer\n")
     assert changed_stages(checkout) == {"study", "bench_layers"}

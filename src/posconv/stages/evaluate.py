@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from posconv import figures, fused, registry
+from posconv import figures, registry
 from posconv.cli import device_name, parser, positive_int, run
 from posconv.compare import headline
 from posconv.config import Params, load_params
@@ -27,6 +27,7 @@ from posconv.data import draw_unseen, load_labelled_npz, load_scenes, load_split
 from posconv.engine import LabelledImages, place, predict, resolve_device, to_input
 from posconv.equivariance import scale_error, translation_error
 from posconv.io import atomic_outputs, read_json, write_json
+from posconv.layers import fused
 from posconv.metrics import circle_votes, score
 from posconv.model import load_model
 from posconv.scenes import Scenes

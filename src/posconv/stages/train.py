@@ -21,7 +21,7 @@ from typing import get_args
 import torch
 from dvclive import Live
 
-from posconv import distributed, fused, registry
+from posconv import distributed, registry
 from posconv.cli import parser, run
 from posconv.config import Params, Placement, load_params
 from posconv.data import load_scenes, load_split
@@ -37,6 +37,7 @@ from posconv.engine import (
     train,
 )
 from posconv.io import atomic_outputs, remove_stale_temporaries
+from posconv.layers import fused
 from posconv.model import FCN, ModelSpec, count_parameters, save_model
 
 logger = logging.getLogger(__name__)

@@ -25,11 +25,10 @@ from dvclive import Live
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from posconv import distributed, fused
+from posconv import distributed
 from posconv.cli import parser, run
 from posconv.config import TrainParams, load_params
 from posconv.data import write_scenes
-from posconv.deform import deform_conv2d
 from posconv.distributed import World
 from posconv.engine import (
     LabelledImages,
@@ -45,9 +44,10 @@ from posconv.engine import (
     train_step,
 )
 from posconv.errors import BadInput
-from posconv.involution import involution
 from posconv.io import write_json
-from posconv.layers import make_conv
+from posconv.layers import fused, make_conv
+from posconv.layers.deform import deform_conv2d
+from posconv.layers.involution import involution
 from posconv.model import FCN, ModelSpec
 from posconv.plots import save_preview
 from posconv.registry import (

@@ -63,8 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from posconv.coords import check_convention, output_grid, positioned
-from posconv.position_term import add_position_term
+from posconv.layers.coords import check_convention, output_grid, positioned
+from posconv.layers.position_term import add_position_term
 
 __all__ = [
     "CoordDeformConv2d",
@@ -476,7 +476,7 @@ class DeformConv2d(nn.Conv2d):
 class CoordDeformConv2d(DeformConv2d):
     """`DeformConv2d` plus `coord_bias` (C_out, 2): `y = deform(x) + a_c*X + b_c*Y` at the output pixels.
 
-    X, Y are the kernel centres' coordinates under `coords` (`posconv.coords`, as `CoordBias2d`): where
+    X, Y are the kernel centres' coordinates under `coords` (`posconv.layers.coords`, as `CoordBias2d`): where
     the undeformed kernel sits, the output pixel's place, not where the deformed taps read.
     `coord_bias` starts at zero, so the layer starts as `DeformConv2d`, hence as the plain convolution.
     """

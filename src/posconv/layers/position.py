@@ -1,22 +1,17 @@
-"""Position-aware convolutions, built by name so that a model never branches on the layer type.
+"""Layers that add a position term to `nn.Conv2d`'s output: the coordinate bias and CoordConv.
 
-- `vanilla`: `nn.Conv2d`.
 - `coordbias` (seed 000): `y = conv(x) + a_c*X + b_c*Y`, two learned scalars per output channel
   (`coords_per_input=True`: the seed's original pair per input channel too, summed over them).
 - `coordconv` (Liu et al. 2018): the convolution also sees the input's coordinate channels X, Y (and r).
-- `involution`, `coordinvolution` (seed 003, `posconv.involution`): a kernel generated per pixel from
-  the input there (and, for coordinvolution, from its coordinates too), shared across a group's channels.
-- `deform`, `coorddeform` (seed 004, `posconv.deform`): deformable convolution v2, learned per-pixel
-  offsets and modulation (and, for coorddeform, the coordinate bias).
 
-Both add a position term that does not depend on the input: one (C_out, H, W) map per forward, a
-small matrix product of the coordinate parameters with a cached basis (for coordconv, the coordinate
-channels unfolded under the kernel: conv(coords, coord_weight) at batch size 1 as one GEMM, ~10x
-faster on CPU than a convolution with 2 input channels). Its gradient is one sum over the batch.
+Both add a term that does not depend on the input: one (C_out, H, W) map per forward, a small matrix
+product of the coordinate parameters with a cached basis (for coordconv, the coordinate channels
+unfolded under the kernel: conv(coords, coord_weight) at batch size 1 as one GEMM, ~10x faster on CPU
+than a convolution with 2 input channels). Its gradient is one sum over the batch.
 
-One forward path: `nn.Conv2d`'s output, then the term added in place (`posconv.position_term`; under
-bfloat16 autocast the maps and the term are computed in float32). `posconv.fused` is an opt-in
-backend that moves the add into oneDNN's convolution on CPU (DESIGN.md §4).
+One forward path: `nn.Conv2d`'s output, then the term added in place (`position_term`; under bfloat16
+autocast the maps and the term are computed in float32). `fused` is an opt-in backend that moves the
+add into oneDNN's convolution on CPU (DESIGN.md §4).
 """
 
 from __future__ import annotations
@@ -27,21 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from posconv import fused
-from posconv.coords import check_convention, input_patches, output_grid, positioned
-from posconv.deform import CoordDeformConv2d, DeformConv2d
-from posconv.involution import CoordInvolution2d, Involution2d
-from posconv.position_term import add_position_term
-from posconv.registry import (
-    COORD_DEFORM,
-    COORD_INVOLUTION,
-    COORDBIAS,
-    COORDCONV,
-    DEFORM,
-    FACTORY_LAYERS,
-    INVOLUTION,
-    VANILLA,
-)
+from posconv.layers import fused
+from posconv.layers.coords import check_convention, input_patches, output_grid, positioned
+from posconv.layers.position_term import add_position_term
 
 
 class _PositionAware(nn.Conv2d):
@@ -181,38 +164,3 @@ class CoordConv2d(_PositionAware):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, with_r={self.with_r}"
-
-
-LAYER_CLASSES: dict[str, type[nn.Module]] = {
-    VANILLA: nn.Conv2d,
-    COORDBIAS: CoordBias2d,
-    COORDCONV: CoordConv2d,
-    INVOLUTION: Involution2d,
-    COORD_INVOLUTION: CoordInvolution2d,
-    DEFORM: DeformConv2d,
-    COORD_DEFORM: CoordDeformConv2d,
-}
-LAYER_OPTIONS: dict[str, tuple[str, ...]] = {  # what each layer takes beyond nn.Conv2d's signature
-    VANILLA: (),
-    COORDBIAS: ("coords", "coords_per_input"),
-    COORDCONV: ("coords", "with_r"),
-    INVOLUTION: ("reduction", "group_channels"),
-    COORD_INVOLUTION: ("coords", "reduction", "group_channels"),
-    DEFORM: ("offset_groups",),
-    COORD_DEFORM: ("coords", "offset_groups"),
-}
-_CONV_ARGUMENTS = ("stride", "padding", "dilation", "groups", "bias", "padding_mode", "device", "dtype")
-
-
-def make_conv(name: str, in_channels: int, out_channels: int, kernel_size: Any, **options: Any) -> nn.Module:
-    """Build layer `name` with `nn.Conv2d`'s signature plus the options that layer takes.
-
-    An unknown name is a ValueError, an option the layer does not take a TypeError: nothing is dropped.
-    """
-    if name not in LAYER_CLASSES:
-        raise ValueError(f"layer {name!r}: expected one of {', '.join(FACTORY_LAYERS)}")
-    unknown = sorted(set(options) - set(LAYER_OPTIONS[name]) - set(_CONV_ARGUMENTS))
-    if unknown:
-        takes = ", ".join(LAYER_OPTIONS[name]) or "none"
-        raise TypeError(f"layer {name!r} takes no option {', '.join(unknown)} (its own options: {takes})")
-    return LAYER_CLASSES[name](in_channels, out_channels, kernel_size, **options)

@@ -40,7 +40,7 @@ Parameters (`parameter_count`), with C = out_channels, R = max(C // reduction, 1
 K = kh*kw: `[in != out]*in*out + (C + 1)*R + (R + 1)*G*K + [bias]*C (+ 2*R for CoordInvolution2d)`.
 
 `CoordInvolution2d` (position-aware): the kernel generator also sees the coordinates X, Y of the output
-pixel (the kernel centre, `posconv.coords` conventions): `reduce(xbar) + coord_weight @ (X, Y)` before
+pixel (the kernel centre, `posconv.layers.coords` conventions): `reduce(xbar) + coord_weight @ (X, Y)` before
 the ReLU, i.e. `reduce` with two extra coordinate input channels. `coord_weight` starts at zero, so the
 layer starts as the Involution2d with the same weights and the same random draws.
 """
@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from posconv.coords import check_convention, output_grid, pad_amounts, positioned
-from posconv.position_term import add_position_term, is_channels_last
+from posconv.layers.coords import check_convention, output_grid, pad_amounts, positioned
+from posconv.layers.position_term import add_position_term, is_channels_last
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 Pair = tuple[int, int]
@@ -410,7 +410,7 @@ class CoordInvolution2d(Involution2d):
     """Involution whose kernel generator also sees X, Y of the output pixels: `coord_weight` (R, 2)."""
 
     def __init__(self, *args: Any, coords: str = "centered", **kwargs: Any) -> None:
-        """`args`, `kwargs`: Involution2d's; `coords` a `posconv.coords` convention."""
+        """`args`, `kwargs`: Involution2d's; `coords` a `posconv.layers.coords` convention."""
         check_convention(coords)
         super().__init__(*args, **kwargs)
         self.coords = coords

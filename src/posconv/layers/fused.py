@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from posconv.position_term import is_channels_last, term_gradients, term_map
+from posconv.layers.position_term import is_channels_last, term_gradients, term_map
 
 _Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]  # stride, padding, dilation, groups
 
@@ -45,7 +45,7 @@ def enable(on: bool = True) -> bool:
     global _enabled
     if on and not available():
         warnings.warn(
-            "posconv.fused: this torch build has no torch.ops.mkldnn._convolution_pointwise_; "
+            "posconv.layers.fused: this torch build has no torch.ops.mkldnn._convolution_pointwise_; "
             "the layers keep the plain PyTorch path",
             RuntimeWarning,
             stacklevel=2,
