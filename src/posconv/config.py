@@ -18,7 +18,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from posconv.errors import BadInput
-from posconv.registry import BASELINE, DEVICE_PATTERN, INT64_MAX, LAYERS
+from posconv.registry import BASELINE, COORD_ARMS, DEVICE_PATTERN, INT64_MAX, LAYERS
 
 StudiedLayer = Literal[tuple(layer for layer in LAYERS if layer != BASELINE)]  # type: ignore[valid-type]
 
@@ -114,6 +114,51 @@ class CheckParams(_Group):
     min_transfer_position_recall: Threshold = 0.0  # at each of evaluate.sizes
 
 
+class CoordinateTaskParams(_Group):
+    """One task of coordinates/dvc.yaml: its network sizes and its training schedule."""
+
+    width: Annotated[int, Field(ge=1, le=4096)]  # the CoordConv network's base width
+    baseline_width: Annotated[int, Field(ge=2, le=4096, multiple_of=2)]  # paper_conv's (halved inside)
+    steps: Count
+    batch_size: Count
+    lr: Annotated[float, Field(gt=0.0)]
+    eval_every: Count  # steps between test evaluations: the resolution of steps-to-threshold
+
+
+class CoordinatePainterParams(CoordinateTaskParams):
+    """A task whose baseline paints with stride-2 transposed convolutions (classification, rendering)."""
+
+    baseline_kernel: Annotated[int, Field(ge=2, le=9)]  # the paper's fs: 2, 3 or 4
+
+
+class CoordinateRenderingParams(CoordinatePainterParams):
+    render_width: Annotated[int, Field(ge=1, le=4096)]  # the paper's 8·mul
+    render_kernel: Annotated[int, Field(ge=1, le=9)]  # odd: padded to keep 64x64
+
+
+class CoordinatesParams(_Group):
+    """coordinates/dvc.yaml: CoordConv's coordinate-transform benchmark."""
+
+    layers: dict[Literal[COORD_ARMS], Annotated[int, Field(ge=1, le=21)]]  # type: ignore[valid-type]  # arm: seeds
+    threads: Annotated[int, Field(ge=1, le=1024)]
+    family_kernel: Annotated[int, Field(ge=3, le=9)]  # odd: the content-adaptive layers' slot kernel
+    classification: CoordinatePainterParams
+    regression: CoordinateTaskParams
+    rendering: CoordinateRenderingParams
+
+    @model_validator(mode="after")
+    def _runnable(self) -> CoordinatesParams:
+        if not self.layers:
+            raise BadInput("coordinates.layers = {}: expected at least one arm with its number of seeds")
+        for key, kernel in (
+            ("family_kernel", self.family_kernel),
+            ("rendering.render_kernel", self.rendering.render_kernel),
+        ):
+            if kernel % 2 == 0:
+                raise BadInput(f"coordinates.{key} = {kernel}: expected an odd kernel (padded to keep 64x64)")
+        return self
+
+
 class Params(_Group):
     seed: Seed
     device: Annotated[str, Field(pattern=f"^({DEVICE_PATTERN})$")]
@@ -125,6 +170,7 @@ class Params(_Group):
     families: FamiliesParams
     evaluate: EvaluateParams
     check: CheckParams
+    coordinates: CoordinatesParams
 
     @model_validator(mode="after")
     def _every_split_has_images(self) -> Params:

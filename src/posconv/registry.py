@@ -26,6 +26,14 @@ INVOLUTION, COORD_INVOLUTION, DEFORM, COORD_DEFORM = "involution", "coordinvolut
 CONTENT_ADAPTIVE = (INVOLUTION, COORD_INVOLUTION, DEFORM, COORD_DEFORM)
 FACTORY_LAYERS = LAYERS + CONTENT_ADAPTIVE
 
+# ---- coordinates/dvc.yaml: CoordConv's coordinate-transform benchmark (posconv.coordinates) ----
+
+COORD_TASKS = ("classification", "regression", "rendering")
+COORD_SPLITS = ("uniform", "quadrant")
+PER_INPUT = "coordbias_per_input"  # coordbias in the seed's first form (coords_per_input)
+PAPER_CONV = "paper_conv"  # the paper's convolutional baseline network, not a layer in a slot
+COORD_ARMS = (*FACTORY_LAYERS, PER_INPUT, PAPER_CONV)  # what coordinates.layers may list
+
 # ---- pipeline outputs ----
 
 SCENES = "data/scenes"
@@ -39,6 +47,10 @@ REPORT = "plots/report.md"
 FAMILIES_METRICS = "metrics/families"  # families/dvc.yaml: the content-adaptive layers' scores
 STUDY = "metrics/study.json"
 BENCH_LAYERS = "metrics/bench_layers.json"
+COORDINATES_DATA = "data/coordinates"  # coordinates/dvc.yaml: the square sweep and its two splits
+COORDINATES_METRICS = "metrics/coordinates"
+COORDINATES_COUNTS = f"{COORDINATES_METRICS}/data.json"
+COORDINATES_SUMMARY = f"{COORDINATES_METRICS}/summary.json"
 
 
 def model_path(layer: str) -> str:
@@ -66,3 +78,8 @@ def evaluate_metrics(layer: str) -> str:
 def family_metrics(layer: str) -> str:
     """A content-adaptive layer's scores, written by families/dvc.yaml's evaluate stage."""
     return f"{FAMILIES_METRICS}/{layer}.json"
+
+
+def coordinates_runs(task: str, split: str) -> str:
+    """Every arm's and seed's runs on one task and split, written by coordinates/dvc.yaml's train stage."""
+    return f"{COORDINATES_METRICS}/{task}_{split}.json"

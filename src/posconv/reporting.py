@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from posconv.config import Params
 from posconv.metrics import position_recall
-from posconv.registry import BASELINE, CLASS_NAMES, LAYERS
+from posconv.registry import (
+    BASELINE,
+    CLASS_NAMES,
+    COORDBIAS,
+    COORDCONV,
+    LAYERS,
+    PAPER_CONV,
+    PER_INPUT,
+    VANILLA,
+)
 
 MARGIN = 0.05  # a position-recall difference smaller than this is not called a gain or a loss
 CLASSES = tuple(f"{index} {name.replace('_', ' ')}" for index, name in enumerate(CLASS_NAMES))
@@ -342,3 +354,236 @@ def render(
         params_section(params, data),
     ]
     return "\n\n".join(sections) + "\n"
+
+
+# ---- coordinates/dvc.yaml: CoordConv's coordinate-transform tasks, beside the paper ----
+
+
+@dataclass(frozen=True)
+class PaperFigure:
+    value: float
+    source: str  # where in the paper, with its words
+
+
+COORDCONV_PAPER = {  # Liu et al., "An intriguing failing of convolutional neural networks and the CoordConv
+    # solution", NeurIPS 2018 (arXiv:1807.03247): the figures the coordinates section sets its runs beside
+    "conv_accuracy_uniform": PaperFigure(
+        0.86, "§4.1: convolutional models reach at most about 86% test accuracy on the uniform split"
+    ),
+    "conv_hours_uniform": PaperFigure(1, "§4.1: and training them to that takes over an hour"),
+    "coordconv_accuracy": PaperFigure(
+        1.0, "§4.1: CoordConv reaches 100% test accuracy on both splits, in seconds"
+    ),
+    "speedup": PaperFigure(
+        150, "Abstract: CoordConv solves the coordinate transform problem 150 times faster"
+    ),
+    "fewer_parameters_low": PaperFigure(10, "Abstract: with 10-100 times fewer parameters than convolution"),
+    "fewer_parameters_high": PaperFigure(
+        100, "Abstract: with 10-100 times fewer parameters than convolution"
+    ),
+    "conv_iou": PaperFigure(1.0, "§4.3: no convolutional model reaches a rendering IoU of 1.0"),
+    "conv_minutes_to_iou_0_8": PaperFigure(
+        90, "§4.3: one of the better ones needs 90 minutes to reach IoU 0.8"
+    ),
+}
+METRIC_WORDS = {"accuracy": "test accuracy", "pixel_error": "test error (px)", "iou": "test IoU"}
+
+
+def _paper_cell(task: str, split: str, arm: str) -> str:
+    """What the paper reports for this row, from COORDCONV_PAPER."""
+    paper = COORDCONV_PAPER
+    if task == "classification" and arm == COORDCONV:
+        return f"{fmt(paper['coordconv_accuracy'].value)} in seconds (§4.1)"
+    if (task, split, arm) == ("classification", "uniform", PAPER_CONV):
+        hours = paper["conv_hours_uniform"].value
+        return f"at most ~{fmt(paper['conv_accuracy_uniform'].value)}, after > {hours} h (§4.1)"
+    if (task, split, arm) == ("rendering", "uniform", PAPER_CONV):
+        minutes = paper["conv_minutes_to_iou_0_8"].value
+        return f"never {fmt(paper['conv_iou'].value)}; 0.8 after {minutes} min at best (§4.3)"
+    return ""
+
+
+def _spread_cell(values: dict) -> str:
+    return f"{fmt(values['mean'])} [{fmt(values['min'])}, {fmt(values['max'])}]"
+
+
+def _threshold_cell(values: dict, threshold: str) -> str:
+    """`k/n` runs that reached the threshold, with their mean steps and training seconds."""
+    reached, steps, seconds = (
+        values["reached"][threshold],
+        values["steps_to"][threshold],
+        values["seconds_to"][threshold],
+    )
+    head = f"{reached}/{values['seeds']}"
+    return (
+        f"{head}: {fmt(steps['mean'])} steps, {fmt(seconds['mean'])} s"
+        if reached
+        else f"{head} (of {fmt(values['steps'])} steps)"
+    )
+
+
+def coordinates_table(summary: dict) -> str:
+    """Task x split x arm: test metric over the seeds, parameters, steps and seconds to the paper's
+    thresholds, and the paper's figure where it gives one."""
+    header = [
+        "task",
+        "split",
+        "arm",
+        "seeds",
+        "test metric: mean [min, max]",
+        "parameters",
+        "to 1.0",
+        "to 0.8",
+        "paper",
+    ]
+    rows = []
+    for task, splits in summary["cells"].items():
+        for split, arms in splits.items():
+            for arm, values in arms.items():
+                thresholds = [
+                    _threshold_cell(values, t) if t in values["reached"] else "" for t in ("1", "0.8")
+                ]
+                rows.append([
+                    task, split, f"`{arm}`", values["seeds"],
+                    f"{METRIC_WORDS[summary['metrics'][task]]} {_spread_cell(values['metric'])}",
+                    values["parameters"], *thresholds, _paper_cell(task, split, arm),
+                ])  # fmt: skip
+    return table(header, rows)
+
+
+def coordinates_comparisons(summary: dict) -> str:
+    """Every comparison of the study's rule, on every task and split."""
+    header = ["task", "split", "A vs B", "quantity", "seeds", "A - B [95% CI]: verdict"]
+    rows = [
+        [
+            row["task"],
+            row["split"],
+            f"`{row['a']}` vs `{row['b']}`",
+            row["quantity"],
+            row["seeds"],
+            judged(row),
+        ]
+        for row in summary["comparisons"]
+    ]
+    return table(header, rows)
+
+
+def _verdicts(summary: dict, a: str, b: str, quantity_of: Callable[[str], str]) -> str:
+    """`a` against `b` on each task and split, on the task's quantity: verdict with its interval."""
+    found = {
+        (row["task"], row["split"]): row
+        for row in summary["comparisons"]
+        if (row["a"], row["b"]) == (a, b) and row["quantity"] == quantity_of(row["task"])
+    }
+    if not found:
+        return "not run (both arms need two common seeds)"
+    return "; ".join(f"{task}/{split} {judged(row)}" for (task, split), row in found.items())
+
+
+def _arm(summary: dict, task: str, split: str, arm: str) -> dict | None:
+    return summary["cells"].get(task, {}).get(split, {}).get(arm)
+
+
+def _agreement(summary: dict) -> list[str]:
+    """Where this project's runs agree and disagree with the paper's figures."""
+    paper, lines = COORDCONV_PAPER, []
+    conv = _arm(summary, "classification", "uniform", PAPER_CONV)
+    if conv:
+        ceiling, best = paper["conv_accuracy_uniform"].value, conv["metric"]["max"]
+        word = "agrees" if best <= ceiling else "disagrees"
+        lines.append(
+            f"Convolutional baseline, classification/uniform: at most {fmt(best)} test accuracy in its "
+            f"{fmt(conv['steps'])} steps ({fmt(conv['train_seconds']['mean'])} s); the paper: at most about "
+            f"{fmt(ceiling)} after over {paper['conv_hours_uniform'].value} h: **{word}**."
+        )
+    for split in summary["cells"].get("classification", {}):
+        coordconv = _arm(summary, "classification", split, COORDCONV)
+        if coordconv:
+            reached, seconds = coordconv["reached"]["1"], coordconv["seconds_to"]["1"]
+            word = "agrees" if reached == coordconv["seeds"] else "disagrees"
+            when = f", after {fmt(seconds['mean'])} s of training on average" if seconds else ""
+            lines.append(
+                f"CoordConv, classification/{split}: {reached}/{coordconv['seeds']} seeds reached 100% test "
+                f"accuracy{when}; the paper: 100% on both splits within seconds: **{word}**."
+            )
+    for task in summary["cells"]:
+        coordconv, conv = (
+            _arm(summary, task, "uniform", COORDCONV),
+            _arm(summary, task, "uniform", PAPER_CONV),
+        )
+        if coordconv and conv:
+            ratio = conv["parameters"] / coordconv["parameters"]
+            low, high = paper["fewer_parameters_low"].value, paper["fewer_parameters_high"].value
+            word = "within" if low <= ratio <= high else "outside"
+            lines.append(
+                f"Parameters, {task}: the baseline has {fmt(conv['parameters'])}, CoordConv's network "
+                f"{fmt(coordconv['parameters'])} ({fmt(ratio)}x fewer), **{word}** the paper's {low}-{high}x."
+            )
+    for split in summary["cells"].get("rendering", {}):
+        conv = _arm(summary, "rendering", split, PAPER_CONV)
+        if conv:
+            perfect = conv["reached"]["1"]
+            word = "agrees" if perfect == 0 else "disagrees"
+            lines.append(
+                f"Convolutional baseline, rendering/{split}: IoU 1.0 in {perfect}/{conv['seeds']} seeds, "
+                f"0.8 in {conv['reached']['0.8']}/{conv['seeds']} (best {fmt(conv['metric']['max'])}); the "
+                f"paper: no convolutional model reaches 1.0: **{word}**."
+            )
+    return lines
+
+
+def _quadrant(summary: dict) -> list[str]:
+    """What coordbias does on the split whose test quadrant training never saw."""
+    lines = []
+    for task in summary["cells"]:
+        bias, coordconv = (_arm(summary, task, "quadrant", arm) for arm in (COORDBIAS, COORDCONV))
+        if bias:
+            metric = METRIC_WORDS[summary["metrics"][task]]
+            against = f" (coordconv {_spread_cell(coordconv['metric'])})" if coordconv else ""
+            lines.append(f"coordbias on {task}/quadrant: {metric} {_spread_cell(bias['metric'])}{against}.")
+    return lines
+
+
+def coordinates_conclusions(summary: dict) -> str:
+    """The findings in words chosen by the numbers."""
+
+    def metric(task: str) -> str:
+        return summary["metrics"][task]
+
+    coordbias_vs_coordconv = _verdicts(summary, COORDBIAS, COORDCONV, metric)
+    forms = _verdicts(summary, PER_INPUT, COORDBIAS, metric)
+    points = [
+        "**One function class, three starts.** In every CoordConv network the slot is a 1x1 convolution, "
+        "where coordconv's weights on X and Y are a per-channel a·X + b·Y, which is coordbias, in either "
+        "form (`tests/test_coordinates.py` maps each onto the others exactly). What differs is the start: "
+        "coordbias at zero, its per-input form and coordconv drawn at random. coordbias vs coordconv: "
+        f"{coordbias_vs_coordconv}. Per-input vs reduced coordbias: {forms}.",
+        "coordbias vs vanilla in the same network (no coordinates): "
+        f"{_verdicts(summary, COORDBIAS, VANILLA, metric)}.",
+        "coordbias vs the paper's convolutional baseline: "
+        f"{_verdicts(summary, COORDBIAS, PAPER_CONV, metric)}.",
+        *_agreement(summary),
+        *_quadrant(summary),
+    ]
+    return "\n".join(f"- {point}" for point in points)
+
+
+def coordinates_section(summary: dict, counts: dict) -> str:
+    """The benchmark in one section: its data, the side-by-side table, the conclusions, every comparison."""
+    splits = "; ".join(
+        f"{split}: {fmt(sides['train'])} train, {fmt(sides['test'])} test"
+        for split, sides in counts["splits"].items()
+    )
+    square, canvas = counts["square"], counts["canvas"]
+    intro = (
+        f"The published Not-so-Clevr sweep ({fmt(counts['examples'])} squares of {square}x{square} px on a "
+        f"{canvas}x{canvas} canvas; {splits}), the paper's three supervised tasks and networks, with each "
+        "layer in the slot where CoordConv's network sees the coordinates (`coordinates/dvc.yaml`). "
+        "Thresholds: the paper's 100% accuracy (to 1.0) and IoU 1.0 and 0.8; steps and training seconds are "
+        "means over the seeds that reached them. The paper's figures (`reporting.COORDCONV_PAPER`): "
+        + "; ".join(dict.fromkeys(figure.source for figure in COORDCONV_PAPER.values()))
+        + "."
+    )
+    parts = [intro, coordinates_table(summary), coordinates_conclusions(summary)]
+    parts.append("### Every comparison\n\n" + coordinates_comparisons(summary))
+    return "## CoordConv's coordinate tasks, beside the paper\n\n" + "\n\n".join(parts)

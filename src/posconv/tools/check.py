@@ -3,9 +3,9 @@
 `python -m posconv.tools.check` exits 0 when the results are fresh and meet the thresholds, 1 when
 they are missing, stale or below them (a FAIL line for each), 2 when its own inputs are malformed.
 Stale means `dvc status` finds a stage whose params, code or git-tracked outputs differ from its lock,
-in every pipeline whose results are committed (`dvc.yaml`, `study/dvc.yaml`, `families/dvc.yaml`, where
-present; a lock without its pipeline file fails); cached data and models are absent from a fresh clone
-and are not held against it. It also prints `dvc metrics diff --md` against the previous commit.
+in every pipeline whose results are committed (`dvc.yaml`, `study/dvc.yaml`, `families/dvc.yaml`,
+`coordinates/dvc.yaml`, where present; a lock without its pipeline file fails); cached data and models
+are absent from a fresh clone and are not held against it. It also prints `dvc metrics diff --md` against the previous commit.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from posconv.io import read_json
 from posconv.registry import SUMMARY
 
 ABSENT = {"deleted", "not in cache"}  # how `dvc status` reports a cached file this checkout lacks
-JUDGED = ["dvc.yaml", "study/dvc.yaml", "families/dvc.yaml"]  # the pipelines with committed results
+JUDGED = ["dvc.yaml", "study/dvc.yaml", "families/dvc.yaml", "coordinates/dvc.yaml"]  # committed results
 
 
 def _changes(kind: str, paths: object) -> Iterator[tuple[str, str]]:
