@@ -19,6 +19,13 @@ TINY = {  # a pipeline that runs in seconds on a CPU
     "train": {"epochs": 1, "batch_size": 8, "val_every": 2},
     "evaluate": {"examples": 2, "sizes": [24, 40], "equivariance_images": 4},
     "check": {"min_miou": 0.0, "min_position_recall": 0.0, "min_transfer_position_recall": 0.0},
+    "coordinates": {  # two seeds: enough for a paired comparison; one evaluation a run
+        "layers": {"vanilla": 2, "coordbias": 2, "coordconv": 2, "coordbias_per_input": 2, "paper_conv": 2},
+        **{
+            task: {"width": 2, "baseline_width": 4, "steps": 2, "batch_size": 8, "eval_every": 2}
+            for task in ("classification", "regression", "rendering")
+        },
+    },
 }
 
 
@@ -32,7 +39,7 @@ def deep_update(data: dict, changes: dict) -> dict:
 def project(tmp_path: Path) -> Path:
     """The project's pipeline files and sources in a fresh git repo with tiny params, committed."""
     inputs = ("metrics/study.json", "metrics/bench_layers.json")  # committed inputs of the report stage
-    for name in ("src", ".dvc", "dvc.yaml", "families", ".dvcignore", ".gitignore", *inputs):
+    for name in ("src", ".dvc", "dvc.yaml", "families", "coordinates", ".dvcignore", ".gitignore", *inputs):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(
@@ -80,6 +87,7 @@ def checkout(tmp_path: Path) -> Path:
         "dvc.lock",
         "families",
         "study",
+        "coordinates",
         "params.yaml",
         ".dvcignore",
         ".gitignore",
