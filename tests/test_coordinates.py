@@ -224,17 +224,35 @@ def test_the_published_initialisation_he_normal_kernels_zero_biases() -> None:
     assert slot.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.15)
 
 
-def test_the_regressors_max_pool_starts_on_the_one_hot() -> None:
-    """Sign alignment: for the zero-started coordbias, every draw's pooled pixel is the one-hot's own
-    neighbourhood on both output channels (without it, 2 of 20 draws were)."""
+def pooled_near_the_one_hot(arm: str, seed: int) -> bool:
+    """Whether the regressor's max pool picks, on both output channels, a pixel within the 5x5
+    neighbourhood of each one-hot (where its response lies) at initialisation."""
     maps = cc.examples("regression", cc.Sweep.generate(), np.arange(0, 3136, 97)).inputs
-    hot = maps.flatten(1).argmax(1)
-    for seed in range(10):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            pooled_at = cc.build_network("regression", "coordbias", SIZES).net(maps).flatten(2).argmax(2)
-        rows, columns = pooled_at // 64 - (hot // 64)[:, None], pooled_at % 64 - (hot % 64)[:, None]
-        assert (rows.abs() <= 2).all() and (columns.abs() <= 2).all(), seed
+    hot = maps.flatten(1).argmax(1)[:, None]
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        pooled_at = cc.build_network("regression", arm, SIZES).net(maps).flatten(2).argmax(2)
+    return bool(
+        ((pooled_at // 64 - hot // 64).abs() <= 2).all() and ((pooled_at % 64 - hot % 64).abs() <= 2).all()
+    )
+
+
+def test_the_regressors_max_pool_starts_on_the_one_hot_for_coordbias_not_coordconv() -> None:
+    """Zero biases and a zero coordinate term: nothing but the one-hot's response lifts the map, in every
+    draw. coordconv's random weights on X, Y add a ramp whose top the pool picks instead."""
+    assert all(pooled_near_the_one_hot("coordbias", seed) for seed in range(8))
+    assert not any(pooled_near_the_one_hot("coordconv", seed) for seed in range(8))
+
+
+@pytest.mark.parametrize("task", COORD_TASKS)
+def test_every_paper_layer_starts_with_zero_biases(task: str) -> None:
+    for arm in ("coordconv", "paper_conv"):
+        biases = [
+            m.bias
+            for m in cc.build_network(task, arm, SIZES).modules()
+            if type(m) is not torch.nn.BatchNorm2d and getattr(m, "bias", None) is not None
+        ]
+        assert biases and all(b.abs().max() == 0 for b in biases), arm
 
 
 # ---- one function class at a 1x1 slot ----

@@ -15,7 +15,9 @@ test accuracy (the argmax is the centre pixel). Regression: the one-hot map -> (
 the mean Euclidean error in pixels. Rendering: (x, y) -> the square, scored by the mean IoU of the
 pixels whose sigmoid exceeds 0.5 (the published `tf.round`) with the square. The (x, y) inputs are
 pixel-centre coordinates in [-1, 1] (`coords.pixel_coords`), not the published raw indices: an affine
-map of the input, which the first layer's weights and bias absorb.
+map of the input, which the first layer's weights and bias absorb. The rendering target is the square's
+mask: the published code trains on the gray image / 255 (0.502 inside) and multiplies it into its IoU's
+intersection, which caps that IoU at 0.502, whereas the paper reports IoUs up to 1.0.
 
 **The networks** are the published ones (`model_builders.py`), sizes from params:
 - CoordConv networks, with the layer under test in their *slot*, the convolution that sees the
@@ -33,7 +35,14 @@ The slot is a 1x1 convolution in all three networks. There `coordconv` (weights 
 parametrisations (`tests/test_coordinates.py` maps each onto the others exactly). At 1x1 the
 content-adaptive families are degenerate (an involution kernel of one tap is a per-pixel gate of the
 pixel's own features; a one-tap deformable convolution moves its tap by an offset computed from that
-pixel), so they take the slot as a `family_kernel` x `family_kernel` convolution instead.
+pixel), so they take the slot as a `family_kernel` x `family_kernel` convolution instead. `vanilla` in
+the slot is the same network without coordinates: for classification and rendering its tiled input is
+the same at every pixel, so are its 1x1 outputs, and it can only fail (a control, not the paper's
+baseline, which is `paper_conv`).
+
+**Initialisation** is the published one, he_normal kernels and zero biases (`he_init`), for every layer
+the paper has; the factory's own extra parameters keep their start (coordbias's zero). With PyTorch's
+default biases the regressor's max pool started on the one-hot in 2 of 20 draws (`Regressor`).
 """
 
 from __future__ import annotations
@@ -110,7 +119,7 @@ def render_squares(centres: np.ndarray) -> np.ndarray:
     return (near_y[:, :, None] & near_x[:, None, :]).astype(np.uint8) * GRAY
 
 
-def test_mask(split: str, centres: np.ndarray) -> np.ndarray:
+def in_test(split: str, centres: np.ndarray) -> np.ndarray:
     """Which examples the generator puts in its test ("val") side."""
     if split == "uniform":  # random_split: one legacy np.random.random() per example, in sweep order
         return np.random.RandomState(UNIFORM_SEED).random_sample(len(centres)) < UNIFORM_TEST_FRACTION
@@ -121,7 +130,7 @@ def test_mask(split: str, centres: np.ndarray) -> np.ndarray:
 
 def split_ids(split: str, centres: np.ndarray) -> dict[str, np.ndarray]:
     """Train and test example ids, each side in the order the writer stores it (its to_numpy shuffle)."""
-    test = test_mask(split, centres)
+    test = in_test(split, centres)
     sides = {"train": np.flatnonzero(~test), "test": np.flatnonzero(test)}
     return {side: ids[np.random.RandomState(ORDER_SEED).permutation(len(ids))] for side, ids in sides.items()}
 
@@ -327,13 +336,13 @@ class Regressor(nn.Module):
     """(B, 1, 64, 64) one-hot maps -> (B, 2) (x/64, y/64): the slot, 1x1, 1x1, 3x3, 3x3 convolutions
     without activations, a global max pool (published ConvRegressor 'coordconv').
 
-    The max pool must pick the one-hot's pixel, which it does only where the network's response to the
-    one-hot at its own pixel is positive; where it is negative, the max sits on a background pixel whose
-    5x5 receptive field never meets a centre (4 px from the border), no gradient carries the position, and
-    training cannot leave that state. Under PyTorch's draws 2 of 20 seeds start with both output channels
-    positive (the paper ran one draw per split). So each output channel whose response is negative at
-    initialisation has its last convolution's sign flipped (`align_signs`): the same function class, and
-    every seed starts where the lucky draws do.
+    The max pool has to start on the one-hot's response: a background pixel's 5x5 receptive field never
+    meets a centre (4 px from the border), so there no gradient carries the position. Under the published
+    initialisation (zero biases) the map away from the one-hot is the coordinate term alone, zero for a
+    zero-started coordbias, so the pool starts on the one-hot in every draw (tests/test_coordinates.py);
+    coordconv's random coordinate weights add a ramp that the pool picks instead in every draw measured
+    (20 of 20), which it has to learn its way off. (Under PyTorch's default biases the zero-padded 3x3
+    layers lift the border, and only 2 of 20 coordbias draws started on the one-hot.)
     """
 
     def __init__(self, arm: str, sizes: Sizes) -> None:
@@ -342,19 +351,6 @@ class Regressor(nn.Module):
         self.net = nn.Sequential(
             slot(arm, 1, w, sizes.family_kernel), conv(w, w), conv(w, w), conv(w, w, 3), conv(w, 2, 3)
         )
-        self.align_signs()
-
-    @torch.no_grad()
-    def align_signs(self) -> None:
-        """Negate the last convolution's output channels whose response to a one-hot at its own pixel
-        (the map with the one-hot minus the map without) is negative."""
-        probe = torch.zeros(2, 1, CANVAS, CANVAS)
-        probe[0, 0, CANVAS // 2, CANVAS // 2] = 1
-        response = (lambda d: d.amax((1, 2)) < -d.amin((1, 2)))(self.net(probe)[0] - self.net(probe)[1])
-        sign = torch.where(response, -1.0, 1.0)
-        last = self.net[-1]
-        last.weight.mul_(sign[:, None, None, None])
-        last.bias.mul_(sign)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         return self.net(maps).amax((2, 3))
@@ -362,8 +358,8 @@ class Regressor(nn.Module):
 
 def transposed(in_channels: int, out_channels: int, k: int) -> nn.ConvTranspose2d:
     """Stride 2, output twice the input, as TF's Conv2DTranspose with padding 'same'."""
-    return nn.ConvTranspose2d(
-        in_channels, out_channels, k, stride=2, padding=(k - 1) // 2, output_padding=k % 2
+    return he_init(
+        nn.ConvTranspose2d(in_channels, out_channels, k, stride=2, padding=(k - 1) // 2, output_padding=k % 2)
     )
 
 
@@ -399,9 +395,9 @@ class ConvRegressor(nn.Module):
             conv(c, c, 3),
             nn.ReLU(),
             nn.Flatten(),
-            nn.Linear(c * (CANVAS // 8) ** 2, 64),
+            he_init(nn.Linear(c * (CANVAS // 8) ** 2, 64)),
             nn.ReLU(),
-            nn.Linear(64, 2),
+            he_init(nn.Linear(64, 2)),
         )
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ they are missing, stale or below them (a FAIL line for each), 2 when its own inp
 Stale means `dvc status` finds a stage whose params, code or git-tracked outputs differ from its lock,
 in every pipeline whose results are committed (`dvc.yaml`, `study/dvc.yaml`, `families/dvc.yaml`,
 `coordinates/dvc.yaml`, where present; a lock without its pipeline file fails); cached data and models
-are absent from a fresh clone and are not held against it. It also prints `dvc metrics diff --md` against the previous commit.
+are absent from a fresh clone and are not held against it. It also prints `dvc metrics diff --md`
+against the previous commit.
 """
 
 from __future__ import annotations
