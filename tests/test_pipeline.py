@@ -78,6 +78,35 @@ def covers(listed: set[str], read: set[str]) -> bool:
     )
 
 
+def test_dvc_yaml_has_the_stages_and_lists_exactly_the_sources_each_reads() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == ["check_params", *STAGES]
+    families = yaml.safe_load((ROOT / "families/dvc.yaml").read_text())["stages"]
+    families["train"] = families["train"]["do"]
+    assert list(families) == ["train", "evaluate"]
+    for name, stage in [*stages.items(), *families.items()]:
+        module = re.match(r"python -m (posconv\.stages\.\w+)", stage["cmd"]).group(1)
+        assert covers(listed_sources(stage), sources(module)), name
+
+
+def test_every_stage_runs_after_the_params_are_checked() -> None:
+    """check_params first: every other stage of every pipeline depends on its output."""
+    for path in ("dvc.yaml", "families/dvc.yaml", "study/dvc.yaml"):
+        for name, stage in yaml.safe_load((ROOT / path).read_text())["stages"].items():
+            stage = stage.get("do", stage)
+            assert name == "check_params" or "metrics/params_checked.json" in stage["deps"], (path, name)
+
+
+def test_study_and_benchmark_stages_list_the_sources_their_results_depend_on() -> None:
+    """The benchmark times the layers through its own module; the study's experiments run the train and
+    evaluate stages, so their sources are the study's too."""
+    stages = yaml.safe_load((ROOT / "study/dvc.yaml").read_text())["stages"]
+    assert covers(listed_sources(stages["bench_layers"]), sources("posconv.tools.bench"))
+    study = sources("posconv.tools.study", "posconv.stages.train", "posconv.stages.evaluate")
+    assert covers(listed_sources(stages["study"]), study)
+    assert covers(listed_sources(stages["report"]), sources("posconv.stages.report"))
+
+
 def library_modules() -> list[str]:
     """Every module of the library: all of posconv outside its stages and tools packages."""
     files = [*(SRC / "posconv").glob("*.py"), *(SRC / "posconv/layers").glob("*.py")]

@@ -75,11 +75,11 @@ def fake_study() -> dict:
 def test_experiments_are_named_and_set_params_as_dvc_expects() -> None:
     experiments = {experiment.name: experiment for experiment in grid({"generate.size": 64})}
     assert len(experiments) == sum(len(v.seeds) for v in VARIANTS.values()) and len(SEEDS) >= 10
-    assert all(len(v.seeds) >= 5 for v in VARIANTS.values())
+    assert all(v.seeds == SEEDS for v in VARIANTS.values())  # every variant on both replicates
     args = experiments["study-batchnorm-s2"].queue_args()
-    assert args[:6] == ["exp", "run", "--queue", "-f", "-n", "study-batchnorm-s2"]
-    assert args[6:-1:2] == ["-S"] * 4 and args[-1] == "evaluate"
-    assert args[7:-1:2] == ["seed=2", "train.seed=2", "generate.size=64", "model.encoder_batchnorm=true"]
+    assert args[:5] == ["exp", "run", "--queue", "-n", "study-batchnorm-s2"]  # no --force: run-cache
+    assert args[5:-1:2] == ["-S"] * 4 and args[-1] == "evaluate"
+    assert args[6:-1:2] == ["seed=2", "train.seed=2", "generate.size=64", "model.encoder_batchnorm=true"]
     assert experiments["study-families-s3"].queue_args()[-1] == "families/dvc.yaml:evaluate"
     assert Experiment("x", {"a": 1.5}, "train_vanilla").queue_args()[-3:] == ["-S", "a=1.5", "train_vanilla"]
     names = [e.name for e in grid({})]  # variant by variant: the run-cache serves later variants
@@ -109,10 +109,15 @@ def test_finished_study_experiments_are_found_in_exp_show() -> None:
         {"rev": "HEAD", "experiments": [newer, running, failed, queued, other]},
         {"rev": "HEAD~1", "experiments": [older]},
     ]
-    assert finished(shown, prefix="study-") == {"study-baseline-s0": "abc", "study-wide-s0": "0k"}
-    assert finished(shown, prefix="my-") == {"my-experiment": "123"}
+
+    def revisions(found: dict) -> dict:
+        return {name: run.revision for name, run in found.items()}
+
+    assert revisions(finished(shown, prefix="study-")) == {"study-baseline-s0": "abc", "study-wide-s0": "0k"}
+    assert revisions(finished(shown, prefix="my-")) == {"my-experiment": "123"}
     since = datetime.datetime(2026, 11, 22, 3, 1)  # a grid that started then: only what finished after
-    assert finished(shown, since=since) == {"study-baseline-s0": "abc", "study-wide-s0": "0k"}
+    assert revisions(finished(shown, since=since)) == {"study-baseline-s0": "abc", "study-wide-s0": "0k"}
+    assert finished(shown, prefix="study-")["study-wide-s0"].at == datetime.datetime(2026, 11, 22, 3, 3)
 
 
 def _t_density(x: float, df: int) -> float:
@@ -172,9 +177,9 @@ def test_results_and_verdicts_follow_the_metrics() -> None:
     family = rows[("Families: coordinvolution vs involution", "translation_error_8")]
     assert family["all"]["difference"] == pytest.approx(-0.45) and family["all"]["verdict"] == "A lower"
     assert family["seeds"] == list(VARIANTS["families"].seeds)  # the seeds both arms ran
-    assert family["B"] is None and family["replicated"] is None  # the families ran one replicate
+    assert family["B"] is not None and family["replicated"]  # every variant runs both replicates
     versus_vanilla = rows[("Families: involution vs vanilla", "position_recall")]
-    assert versus_vanilla["seeds"] == list(REPLICATES["A"]) and versus_vanilla["A"] is not None
+    assert versus_vanilla["seeds"] == list(SEEDS) and versus_vanilla["A"] is not None
     assert rows[("Headline: coordbias vs vanilla", "parameters")]["all"]["verdict"] is None
 
 
@@ -227,7 +232,7 @@ def test_dvc_status_shows_the_study_and_the_benchmark_stale_when_their_inputs_ch
     params.write_text(original)
     with (checkout / "src/posconv/grid.py").open("a") as source:
         source.write("# another grid\n")
-    assert changed_stages(checkout) == {"study"}
+    assert changed_stages(checkout) == {"study", "report"}  # the study's report renders the grid's rows
     with (checkout / "src/posconv/layers/factory.py").open("a") as source:
         source.write("# another layer\n")
     assert changed_stages(checkout) == {"study", "bench_layers"}

@@ -97,16 +97,21 @@ def _end_with_launcher() -> None:
     threading.Thread(target=_watch, args=(links,), name="end-with-launcher", daemon=True).start()
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """Run a stage's `main(argv)`; SIGTERM unwinds like Ctrl-C so atomic writes clean up."""
+def run(main: Callable[[list[str]], None], on_failure: Callable[[], None] | None = None) -> None:
+    """Run a stage's or tool's `main(argv)`; SIGTERM unwinds like Ctrl-C so atomic writes clean up.
+    `on_failure` runs when `main` fails in any way (a stage puts back the outputs DVC removed)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         _end_with_launcher()
         main(sys.argv[1:])
-    except BadInput as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        sys.exit(130)
+    except BaseException as failure:
+        if on_failure and not (isinstance(failure, SystemExit) and failure.code in (0, None)):
+            on_failure()
+        if isinstance(failure, BadInput):
+            print(f"error: {failure}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(failure, KeyboardInterrupt):
+            print("interrupted: no output written", file=sys.stderr)
+            sys.exit(130)
+        raise

@@ -147,6 +147,14 @@ class Params(_Group):
                 raise BadInput(f"evaluate.scales: {scale:g}: rescales generate.size = {size} below 8 px")
         return self
 
+    @model_validator(mode="after")
+    def _evaluation_fits_the_test_split(self) -> Params:
+        test = self.split_sizes()["test"]
+        for key in ("equivariance_images", "examples"):
+            if (value := getattr(self.evaluate, key)) > test:
+                raise BadInput(f"evaluate.{key} = {value}: expected at most the test split's {test} images")
+        return self
+
     def split_sizes(self) -> dict[str, int]:
         """Images per split: val and test rounded from their fractions, train takes the rest."""
         val = round(self.generate.images * self.split.val)

@@ -19,9 +19,10 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from posconv.compare import transfer_quantities
 from posconv.errors import BadInput
 from posconv.metrics import position_recall
-from posconv.registry import CLASS_NAMES, CONTENT_ADAPTIVE, LAYERS
+from posconv.registry import CLASS_NAMES, CONTENT_ADAPTIVE, LAYERS, scale_key
 
 REPLICATES = {"A": (0, 1, 2, 3, 4), "B": (5, 6, 7, 8, 9)}  # two independent runs of the study
 SEEDS = REPLICATES["A"] + REPLICATES["B"]  # data seed and training seed together
@@ -62,10 +63,8 @@ class Variant:
 VARIANTS = {
     "baseline": Variant({}),
     "batchnorm": Variant({"model.encoder_batchnorm": True}),  # Q1
-    # the seed's first coordinate-bias form, and (below) involution and deformable conv alone and with
-    # coordinates: the first replicate only, as both would take the grid past its hour on a 2-core CPU
-    "per_input": Variant({"model.coords_per_input": True}, seeds=REPLICATES["A"]),
-    "families": Variant({}, families=True, seeds=REPLICATES["A"]),
+    "per_input": Variant({"model.coords_per_input": True}),  # the seed's first coordinate-bias form
+    "families": Variant({}, families=True),  # families/dvc.yaml: the content-adaptive layers
 }
 # (question, (variant, model) A, (variant, model) B)
 COMPARISONS = [
@@ -113,18 +112,13 @@ def quantities(sizes: list[int], shifts: list[int], scales: list[float]) -> dict
     }
     for index, name in enumerate(CLASS_NAMES):
         found[f"recall_{name}"] = Quantity(lambda e, t, i=index: e["recall"][i], recall)
-    for size in sizes:
-        found[f"position_recall_at_{size}"] = Quantity(
-            lambda e, t, s=str(size): position_recall(e["transfer"][s]["recall"]), recall
-        )
+    found |= {name: Quantity(read, recall) for name, read in transfer_quantities(sizes).items()}
     for shift in shifts:
         found[f"translation_error_{shift}"] = Quantity(
             lambda e, t, s=str(shift): e["equivariance"]["translation"][s], 0.02
         )
-    for scale in scales:
-        found[f"scale_error_{scale:g}"] = Quantity(
-            lambda e, t, s=f"{scale:g}": e["equivariance"]["scale"][s], 0.02
-        )
+    for key in map(scale_key, scales):
+        found[f"scale_error_{key}"] = Quantity(lambda e, t, s=key: e["equivariance"]["scale"][s], 0.02)
     found["parameters"] = Quantity(lambda e, t: t["parameters"], None)
     found["train_images_per_s"] = Quantity(lambda e, t: t["train_images_per_s"], None)
     return found
@@ -182,7 +176,12 @@ def aggregate(metrics: dict[str, dict], readers: dict[str, Quantity], paths: Cal
             ]
             entry = results.setdefault(name, {}).setdefault(model, {})
             for quantity, q in readers.items():
-                raw = [q.read(*f) for f in files]
+                try:
+                    raw = [q.read(*f) for f in files]
+                except (KeyError, IndexError, TypeError) as error:
+                    raise BadInput(
+                        f"study: {name}/{model}: its metrics lack {quantity} ({error!r})"
+                    ) from None
                 floors = [training["steps"] for _, training in files]
                 values = [floor if v is None else v for v, floor in zip(raw, floors, strict=True)]
                 if any(v is None for v in values):

@@ -115,13 +115,18 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_model(model: FCN, path: str | Path) -> None:
-    """Save the state dict with the spec that built it, atomically. Saved through a buffer, so the
-    archive's inner folder is "archive" rather than the (temporary) file's name: same weights, same bytes."""
+def model_bytes(model: FCN) -> bytes:
+    """The state dict with the spec that built it, as a model file's bytes. Saved through a buffer, so
+    the archive's inner folder is "archive" rather than a file's name: same weights, same bytes."""
     buffer = io.BytesIO()
     torch.save({"spec": asdict(model.spec), "state_dict": model.state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+def save_model(model: FCN, path: str | Path) -> None:
+    """Save `model` to `path`, atomically."""
     with atomic_outputs(path) as (temp,):
-        temp.write_bytes(buffer.getvalue())
+        temp.write_bytes(model_bytes(model))
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", layer: str | None = None) -> FCN:

@@ -28,6 +28,7 @@ FACTORY_LAYERS = LAYERS + CONTENT_ADAPTIVE
 
 # ---- pipeline outputs ----
 
+PARAMS_CHECKED = "metrics/params_checked.json"  # check_params: the same bytes whenever params are valid
 SCENES = "data/scenes"
 SPLIT = "data/split.npz"
 DATA_METRICS = "metrics/data.json"
@@ -36,6 +37,7 @@ EVALUATE_METRICS = "metrics/evaluate"
 SUMMARY = "metrics/summary.json"
 EVALUATE_PLOTS = "plots/evaluate"
 REPORT = "plots/report.md"
+STUDY_REPORT = "plots/study.md"  # study/dvc.yaml: the study, the benchmarks, the other pipelines
 FAMILIES_METRICS = "metrics/families"  # families/dvc.yaml: the content-adaptive layers' scores
 STUDY = "metrics/study.json"
 BENCH_LAYERS = "metrics/bench_layers.json"
@@ -66,3 +68,9 @@ def evaluate_metrics(layer: str) -> str:
 def family_metrics(layer: str) -> str:
     """A content-adaptive layer's scores, written by families/dvc.yaml's evaluate stage."""
     return f"{FAMILIES_METRICS}/{layer}.json"
+
+
+def scale_key(factor: float) -> str:
+    """A rescaling's key in the metrics: the float's shortest exact repr, so that two factors never
+    share a key however close they are (1.5 and 1.50001 are "1.5" and "1.50001")."""
+    return repr(float(factor))
