@@ -8,9 +8,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
+from test_distributed import LAYER, STAGE, prepared  # noqa: F401 (a fixture)
+from test_train import set_params
 
 from posconv.errors import BadInput
 from posconv.io import atomic_outputs
@@ -65,3 +71,27 @@ def test_class3_a_successful_commit_leaves_the_new_set_and_nothing_else(tmp_path
         (metrics / "metrics.json").write_text("new metrics")
     assert _contents(paths) == ("new model", "new metrics")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics", "model.pt"]
+
+
+def test_class2_ranks_of_a_launcher_killed_with_sigkill_end_and_write_nothing(
+    prepared: Path,  # noqa: F811 (the fixture imported above)
+    sh: Callable,
+) -> None:
+    """SIGKILL leaves the launcher no chance to end its DDP ranks: each rank watches its launcher and
+    ends itself, so nothing is written after the launcher is gone."""
+    set_params(prepared, train={"processes": 2, "epochs": 500})
+    launcher = subprocess.Popen(STAGE, cwd=prepared, env=sh.env, stderr=subprocess.DEVNULL)
+    logs = f"metrics/train/.{LAYER}.tmp*/plots/metrics/train/loss.tsv"  # rank 0's, while it trains
+    deadline = time.monotonic() + 90
+    while not any(log.read_text().count("\n") > 3 for log in prepared.glob(logs)):
+        assert time.monotonic() < deadline and launcher.poll() is None, "training never started"
+        time.sleep(0.05)
+    ranks = [
+        p for p in psutil.Process(launcher.pid).children(recursive=True) if "posconv" in " ".join(p.cmdline())
+    ]
+    assert len(ranks) == 2
+    launcher.kill()
+    launcher.wait()
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, [rank.cmdline() for rank in alive]
+    assert not (prepared / f"models/{LAYER}.pt").exists()  # the ranks ended without committing

@@ -86,9 +86,5 @@ def restore_recorded_outputs() -> None:
     except (OSError, BadInput, KeyError, TypeError, ValueError) as error:
         print(f"note: could not put back {stage}'s previous outputs ({error})", file=sys.stderr)
         return
-    if lost:
-        note = f"{', '.join(lost)}: no earlier version in DVC's cache or git to put back"
-    else:
-        note = f"{stage}: its previous outputs are back in place (dvc status shows it out of date)"
-    if recorded:
-        print(f"note: {note}", file=sys.stderr)
+    if lost:  # silent when everything is back: the stage's own error is the one line to read
+        print(f"note: {', '.join(lost)}: no earlier version in DVC's cache or git to put back", file=sys.stderr)
