@@ -25,18 +25,22 @@ each level at its own size and max-pools them down to the smallest; a drop-in fo
 the input's grid, and the scale convolution's levels must share one, so every level returns to H x W
 and the rest of the layer is DSS's. Only the lifting differs between the two.
 
-**Scale convolution.** One kernel w (C_out, C_in/groups, interaction, kH, kW) is shared over the levels:
-output level s reads the lifted levels s .. s+interaction−1 (`interaction` of them) and convolves level
-s+j with w[:, :, j] dilated by dilation·b^s, padding scaled alike (padding·b^s), so each level sees the
-same pattern b^s times larger. At the top levels fewer than `interaction` levels exist: level s reads
-levels s .. L−1 with w[:, :, :L−s], the missing levels counting as zero (the official `Dconv2d`'s
-truncation); those levels lose the equivariance. The dilation must be a whole number of pixels at every
-level, so `base` must be an integer >= 2: a base of 1.5 is refused (the official code truncates
-int(1.5^s) = 1, 1, 2, 3, 5, ..., which no longer grows by the base and breaks the equivariance).
+**Scale convolution.** One kernel w is shared over the levels: output level s reads the lifted levels
+s .. s+interaction−1 (`interaction` of them) and convolves level s+j with w's slice j dilated by
+dilation·b^s, padding scaled alike (padding·b^s), so each level sees the same pattern b^s times larger.
+w is stored as an nn.Conv2d weight over the stacked levels, (C_out, C_in/groups·interaction, kH, kW),
+input channel c·interaction + j holding channel c at level s+j (4-D, so that `Module.to(memory_format=
+torch.channels_last)`, which the pipeline applies to the model, takes it). At the top levels fewer than
+`interaction` levels exist: level s reads levels s .. L−1 with w's first L−s slices, the missing
+levels counting as zero (the official `Dconv2d`'s truncation); those levels lose the equivariance. The
+dilation must be a whole number of pixels at every level, so `base` must be an integer >= 2: a base of 1.5 is
+refused (the official code truncates int(1.5^s) = 1, 1, 2, 3, 5, ..., which no longer grows by the base
+and breaks the equivariance).
 
-**Scale pooling.** The layer returns the maximum over the L output levels (the paper's head pools over
-scale; seed 004 writes "average", the brief the paper's max; max keeps a feature's strongest response
-whatever its scale).
+**Scale pooling.** The layer returns the maximum over the L output levels: a feature's strongest response
+whatever its scale, invariant to a shift along the scale axis (seed 004's summary says average pooling;
+scale-channel networks use either). Max routes each output's gradient to one level: where two levels
+are within rounding of each other the gradient's route can flip (tests compare gradients before it).
 
 **Where the scale axis meets the FCN.** The factory's contract is (B, C_in, H, W) -> (B, C_out, H', W'):
 the FCN builds every convolution with `make_conv` and never branches on the layer type. So each layer
@@ -48,8 +52,8 @@ paper's deep network, which carries the scale axis from layer to layer. Carrying
 the model to know about the axis (5-D tensors between layers, pooling before the decoder): the model
 would branch on the layer type, which the project does not do. Cost of one layer: the lifting (two
 matrix products per level, (H + W) multiply-adds per pixel and channel) plus L convolutions, output
-level s with min(interaction, L − s) times the input channels: sum_s min(I, L − s) / 1 times the
-plain convolution's arithmetic (7x at L = 4, I = 2).
+level s with min(interaction, L − s) times the input channels: sum_s min(I, L − s) / 1 times the plain
+convolution's arithmetic (7x at L = 4, I = 2).
 
 Geometry. nn.Conv2d's whole signature: `stride` (the same at every level), `dilation` (the base
 dilation, times b^s at level s), `groups` (the channels of a group read every level), `bias` (one per
@@ -59,17 +63,17 @@ dilation·(kernel_size − 1) per axis (so 1 for a 3x3 kernel; "same" at stride 
 "valid" with a 1-pixel kernel): only then do the levels, dilated differently, give outputs of one size
 on one grid. Other paddings are refused.
 
-**Deformable DSS** (`DeformScaleSpaceConv2d`, seed 004 §2.2): the scale convolution's taps read at learned
-offsets, weighed by learned masks, through `posconv.layers.deform.deform_conv2d`. Offsets and mask logits
-come from one convolution `offset_weight` (3·G·kH·kW, C_in, interaction, kH, kW), shared over the levels
-and dilated as the scale convolution is; level s multiplies its offsets by b^s (the deformation is
-measured in the level's own units, so a pattern b times larger deforms b times as far), and mask =
-2·sigmoid(logit) as `DeformConv2d`. `offset_weight` and `offset_bias` start at zero: the layer starts
-exactly as DSS with the same weights and the same random draws. The offsets are computed in float32
-under autocast, as `DeformConv2d`'s.
+**Deformable DSS** (`DeformScaleSpaceConv2d`, seed 004 §2.2): the scale convolution's taps read at
+learned offsets, weighed by learned masks, through `posconv.layers.deform.deform_conv2d`. Offsets and
+mask logits come from one convolution `offset_weight` (3·G·kH·kW, C_in·interaction, kH, kW), shared over
+the levels and dilated as the scale convolution is; level s multiplies its offsets by b^s (the
+deformation is measured in the level's own units, so a pattern b times larger deforms b times as far),
+and mask = 2·sigmoid(logit) as `DeformConv2d`. `offset_weight` and `offset_bias` start at zero: the
+layer starts exactly as DSS with the same weights and the same random draws. The offsets are computed in
+float32 under autocast, as `DeformConv2d`'s.
 
-Initialisation: as nn.Conv2d draws it, fan-in counting the interaction levels (C_in/groups ·
-interaction · kH · kW); the official code draws He-normal weights and sets the bias to 1.
+Initialisation: as nn.Conv2d draws it, fan-in counting the interaction levels (C_in/groups · interaction
+· kH · kW); the official code draws He-normal weights and sets the bias to 1.
 
 Parameters: C_out·(C_in/groups)·interaction·kH·kW + C_out (bias), plus 3·G·kH·kW·(C_in·interaction·kH·kW
 + 1) for the deformable layer: 880 (dss, dss_bilinear) and 2,365 (dss_deform) at 3 -> 16, 3x3, the
@@ -321,7 +325,7 @@ class _ScaleConv2d(nn.Module):
         if not isinstance(bias, bool):
             raise TypeError(f"bias = {bias!r}: expected a bool")
         factory = {"device": device, "dtype": dtype}
-        shape = (out_channels, in_channels // self.groups, interaction, *self.kernel_size)
+        shape = (out_channels, in_channels // self.groups * interaction, *self.kernel_size)
         self.weight = nn.Parameter(torch.empty(shape, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.reset_parameters()
@@ -359,9 +363,11 @@ class _ScaleConv2d(nn.Module):
         return _pad(frame, (ph, ph, pw, pw), self.padding_mode)
 
     def level_weight(self, weight: torch.Tensor, level: int) -> torch.Tensor:
-        """`weight`'s first n interaction slices as an nn.Conv2d weight for `level_input`'s channels."""
+        """`weight` (its channels c·interaction + j) cut to the n levels `level_input` holds."""
         n = min(self.interaction, self.levels - level)
-        return weight[:, :, :n].reshape(weight.shape[0], -1, *self.kernel_size)
+        if n == self.interaction:
+            return weight
+        return weight.unflatten(1, (-1, self.interaction))[:, :, :n].flatten(1, 2)
 
     def _conv_padding(self, level: int) -> Pair:
         return self.level_geometry(level)[0] if self.padding_mode == "zeros" else (0, 0)
@@ -429,7 +435,7 @@ class DeformScaleSpaceConv2d(ScaleSpaceConv2d):
         super().__init__(*args, **kwargs)
         self.offset_groups = _divisor(offset_groups, "offset_groups", in_channels=self.in_channels)
         taps = self.kernel_size[0] * self.kernel_size[1]
-        shape = (3 * offset_groups * taps, self.in_channels, self.interaction, *self.kernel_size)
+        shape = (3 * offset_groups * taps, self.in_channels * self.interaction, *self.kernel_size)
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.offset_weight = nn.Parameter(torch.zeros(shape, **factory))  # no random draws (docstring)
         self.offset_bias = nn.Parameter(torch.zeros(shape[0], **factory))
