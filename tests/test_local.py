@@ -308,6 +308,20 @@ def test_bfloat16_autocast_follows_float64(
         )
 
 
+def test_the_layer_traces_whole_forward_and_backward_at_any_size() -> None:
+    """torch.compile(fullgraph=True) takes the laid-out layer, backward included, at its size and at another
+    (the resampling), without a graph break (AOTAutograd): the same output and gradients as eager."""
+    torch._dynamo.reset()
+    layer = _layer(dict(kernel_size=3, stride=2, padding=1), 9, 7, torch.float32, channels=2)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=False)  # symbolic: ~40 s
+    for size in ((9, 7), (12, 10)):
+        x = _input(*size, torch.float32, channels=2)
+        expected = _forward_and_grads(layer, x, list(layer.parameters()))
+        got = _forward_and_grads(compiled, x, list(layer.parameters()))
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 # ---- options ----
 
 

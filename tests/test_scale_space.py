@@ -491,6 +491,22 @@ def test_state_dict_round_trip(name: str) -> None:
     assert torch.equal(fresh(x), layer(x))
 
 
+@pytest.mark.parametrize("name", SCALE_SPACE)
+def test_the_layers_trace_whole_forward_and_backward(name: str) -> None:
+    """torch.compile(fullgraph=True) takes each layer, backward included, without a graph break
+    (AOTAutograd, a couple of seconds; Inductor's code generation is left to the slow tests of the
+    project): the same output and gradients as eager."""
+    torch._dynamo.reset()
+    geometry = (2, 3, 7, 6, dict(kernel_size=3, padding=1, padding_mode="reflect", levels=3))
+    layer = _layer(name, geometry, torch.float32)
+    x = _input(geometry, torch.float32)
+    expected = _forward_and_grads(layer, x, list(layer.parameters()))
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    got = _forward_and_grads(compiled, x, list(layer.parameters()))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 # ---- options ----
 
 

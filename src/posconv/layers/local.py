@@ -111,21 +111,21 @@ class _LocalProducts(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xp, weight = ctx.saved_tensors
         groups, per_group = ctx.groups, weight.shape[1]
+        grad = grad.contiguous()  # the weight's layout (NCHW), as in forward
         grouped_grad = grad.unflatten(1, (groups, -1))
         grouped_in, grouped_weight = xp.unflatten(1, (groups, per_group)), weight.unflatten(0, (groups, -1))
         xp_grad = torch.zeros_like(xp) if ctx.needs_input_grad[0] else None
-        weight_grads = []
+        weight_grad = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for c in range(per_group):
             for tap, rows, cols in _taps(*ctx.geometry):
                 if xp_grad is not None:
                     xp_grad.unflatten(1, (groups, per_group))[:, :, c, rows, cols].add_(
                         (grouped_grad * grouped_weight[:, :, c, tap]).sum(2)
                     )
-                if ctx.needs_input_grad[1]:
-                    weight_grads.append((grouped_grad * grouped_in[:, :, c, None, rows, cols]).sum(0))
-        weight_grad = None
-        if weight_grads:  # (C_out, C_in/G·kH·kW, H, W) in (c, tap) order -> the weight's shape
-            weight_grad = torch.stack(weight_grads, 2).flatten(0, 1).view_as(weight)
+                if weight_grad is not None:  # summed over the batch image by image: no batch-sized temporary
+                    target = weight_grad.unflatten(0, (groups, -1))[:, :, c, tap]
+                    for image in range(len(grad)):
+                        target.addcmul_(grouped_grad[image], grouped_in[image, :, c, None, rows, cols])
         bias_grad = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return xp_grad, weight_grad, bias_grad, None, None
 
@@ -284,7 +284,8 @@ class LocalConv2d(LazyModuleMixin, nn.Module):
             weight = weight.to(dtype).flatten(2, 3)
             bias = None if bias is None else bias.to(dtype)
             geometry = (self.kernel_size, self.stride, self.dilation, out)
-            y = _LocalProducts.apply(xp.to(dtype), weight, bias, geometry, self.groups)
+            # NCHW inside: products of channels_last slices and NCHW weight maps run ~4x slower
+            y = _LocalProducts.apply(xp.to(dtype).contiguous(), weight, bias, geometry, self.groups)
         memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         return y.to(out_dtype).contiguous(memory_format=memory_format)
 

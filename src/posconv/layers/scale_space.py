@@ -85,7 +85,6 @@ under autocast the scale convolution follows autocast (bfloat16) and the output 
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -162,16 +161,16 @@ def _blur_matrices(
     """(levels − 1, size, size): row i of matrix k blurs pixel i by T_{t_k}, truncated and renormalised,
     the taps outside the axis read where `padding_mode` says."""
     matrices = torch.zeros(len(scales) - 1, size, size, dtype=torch.float64)
-    rows = torch.arange(size)
+    rows = torch.arange(size)[:, None]
     for k, t in enumerate(scales[1:]):
         radius = blur_radius(t)
         kernel = discrete_gaussian(t, radius)
-        kernel = kernel / kernel.sum()
-        source = _source_index(size, radius, radius, padding_mode)
-        for tap in range(2 * radius + 1):
-            columns = source[rows + tap]
-            inside = columns >= 0
-            matrices[k].index_put_((rows[inside], columns[inside]), kernel[tap].expand(size)[inside], True)
+        columns = _source_index(size, radius, radius, padding_mode)[rows + torch.arange(2 * radius + 1)]
+        inside = columns >= 0  # (size, taps): tap j of row i reads column columns[i, j]
+        values = (kernel / kernel.sum()).expand(size, -1)
+        matrices[k].index_put_(
+            (rows.expand_as(columns)[inside], columns[inside]), values[inside], accumulate=True
+        )
     return matrices.to(device, dtype)
 
 
@@ -214,6 +213,30 @@ def _pad(x: torch.Tensor, pads: tuple[int, int, int, int], padding_mode: str) ->
     rows = _source_index(x.shape[-2], top, bottom, padding_mode).to(x.device)
     columns = _source_index(x.shape[-1], left, right, padding_mode).to(x.device)
     return x.index_select(-2, rows).index_select(-1, columns)
+
+
+class _MaxOverLevels(torch.autograd.Function):
+    """The elementwise maximum of the levels (same shapes); each output's gradient goes to the level that
+    holds the maximum, the lowest among equals. Saves one uint8 map of winners: autograd's chain of
+    torch.maximum saves masks per pair and spends its backward in masked_fill_ (measured: ~4x slower
+    than this for four 8 x 16 x 128 x 128 levels on the 2-core CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, *levels: torch.Tensor) -> torch.Tensor:
+        best, winner = levels[0], torch.zeros_like(levels[0], dtype=torch.uint8)
+        for level_index, level in enumerate(levels[1:], 1):
+            winner = torch.where(level > best, level_index, winner)
+            best = torch.maximum(best, level)
+        ctx.save_for_backward(winner)
+        return best
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (winner,) = ctx.saved_tensors
+        return tuple(
+            torch.where(winner == level_index, grad, 0) if needed else None
+            for level_index, needed in enumerate(ctx.needs_input_grad)
+        )
 
 
 # ---- options ----
@@ -390,7 +413,7 @@ class _ScaleConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels_last = is_channels_last(x)
         outputs = self.scale_convolution(self.lift(x), channels_last)
-        y = functools.reduce(torch.maximum, outputs)
+        y = outputs[0] if len(outputs) == 1 else _MaxOverLevels.apply(*outputs)
         return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def extra_repr(self) -> str:
