@@ -34,7 +34,9 @@ Computation: kH·kW·C_in/groups shifted products accumulated in place into the 
 slice of x~ times that tap's (C_out, H_out, W_out) weight map, broadcast over the batch), in a custom
 autograd function that saves only x~ and the weight; no unfolded copy of the input. A per-location
 matrix product (batched over the 16,384 locations) was measured 5-10x slower on the CPU: each small
-product costs more to dispatch than to compute. Precision: in at least float32; under autocast the
+product costs more to dispatch than to compute. Measured (forward and backward at 3 -> 16, 128 px,
+batch 8, one thread of the 2-core CPU): 3x nn.Conv2d channels_last, 6-7x NCHW; a training step of the
+width-16 FCN with the layer first: 1.5x vanilla's. Precision: in at least float32; under autocast the
 output is rounded once to the autocast dtype (the dtype nn.Conv2d would return). The output keeps the
 input's memory format.
 """
