@@ -24,7 +24,12 @@ BASELINE = VANILLA
 # content-adaptive layers (seeds 003, 004), alone and given coordinates: in the factory, not yet trained
 INVOLUTION, COORD_INVOLUTION, DEFORM, COORD_DEFORM = "involution", "coordinvolution", "deform", "coorddeform"
 CONTENT_ADAPTIVE = (INVOLUTION, COORD_INVOLUTION, DEFORM, COORD_DEFORM)
-FACTORY_LAYERS = LAYERS + CONTENT_ADAPTIVE
+# Deep Scale-Spaces (seed 004's own proposal): Gaussian lifting, bilinear lifting (DSS v2), deformable
+DSS, DSS_BILINEAR, DSS_DEFORM = "dss", "dss_bilinear", "dss_deform"
+SCALE_SPACE = (DSS, DSS_BILINEAR, DSS_DEFORM)
+LOCAL = "local"  # a kernel of its own at every output location (seed 003's spatial-specific filter)
+LOCALLY_CONNECTED = (LOCAL,)
+FACTORY_LAYERS = LAYERS + CONTENT_ADAPTIVE + SCALE_SPACE + LOCALLY_CONNECTED
 
 # ---- pipeline outputs ----
 

@@ -87,4 +87,6 @@ def restore_recorded_outputs() -> None:
         print(f"note: could not put back {stage}'s previous outputs ({error})", file=sys.stderr)
         return
     if lost:  # silent when everything is back: the stage's own error is the one line to read
-        print(f"note: {', '.join(lost)}: no earlier version in DVC's cache or git to put back", file=sys.stderr)
+        print(
+            f"note: {', '.join(lost)}: no earlier version in DVC's cache or git to put back", file=sys.stderr
+        )
