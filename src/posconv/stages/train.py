@@ -37,7 +37,7 @@ from posconv.engine import (
 )
 from posconv.io import atomic_outputs, remove_stale_temporaries
 from posconv.layers import fused
-from posconv.model import FCN, ModelSpec, count_parameters, model_bytes
+from posconv.model import FCN, ModelSpec, count_parameters, materialize, model_bytes
 from posconv.stages import run_stage
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ def train_rank(layer: str, params: Params, world: World, device: torch.device) -
         for name in ("train", "val")
     )
     torch.manual_seed(params.train.seed)
-    model = place(FCN(ModelSpec.of(layer, params.model.model_dump())), device, params.train.channels_last)
+    network = materialize(FCN(ModelSpec.of(layer, params.model.model_dump())), params.generate.size)
+    model = place(network, device, params.train.channels_last)
     trained = distributed.wrap(model, world, device)
     started = time.perf_counter()
     if not world.main:  # trains its shards and writes nothing
