@@ -20,7 +20,7 @@ from conftest import ROOT
 
 from posconv.engine import resolve_precision
 from posconv.model import spec_fields
-from posconv.registry import CONTENT_ADAPTIVE, LAYERS
+from posconv.registry import FAMILIES, LAYERS
 
 STAGES = ["generate", "split", "train_vanilla", "train_coordbias", "train_coordconv", "evaluate", "report"]
 MODELS = list(LAYERS)
@@ -181,7 +181,7 @@ def in_unit_interval(value: float | None) -> bool:
     return value is not None and 0.0 <= value <= 1.0
 
 
-FAMILY_TRAINS = {f"train@{family}" for family in CONTENT_ADAPTIVE}
+FAMILY_TRAINS = {f"train@{family}" for family in FAMILIES}
 
 
 def check_scores(result: dict, images: int, size: int) -> None:
@@ -199,7 +199,7 @@ def check_scores(result: dict, images: int, size: int) -> None:
 
 def check_family_outputs(project: Path) -> None:
     test_images = read(project, "metrics/data.json")["test"]["images"]
-    for family in CONTENT_ADAPTIVE:
+    for family in FAMILIES:
         check_scores(read(project, f"metrics/families/{family}.json"), test_images, 32)
         spec = torch.load(project / f"models/{family}.pt", weights_only=True)["spec"]
         assert spec["layer"] == family and spec["placement"] == "first"  # families.placement

@@ -26,7 +26,7 @@ from posconv.grid import (
     quantities,
     verdict,
 )
-from posconv.registry import CONTENT_ADAPTIVE, LAYERS
+from posconv.registry import FAMILIES, LAYERS
 from posconv.tools.experiments import Experiment, finished
 from posconv.tools.study import grid, metric_paths
 
@@ -34,7 +34,9 @@ READERS = quantities([96], [8], [1.5])
 # position recall by model: coordbias and its first form learn position, the families with coordinates
 # too; vanilla and the content-adaptive layers alone do not; each seed adds jitter
 RECALL = {"vanilla": 0.45, "coordbias": 0.93, "coordconv": 0.93, "involution": 0.45, "deform": 0.45,
-          "coordinvolution": 0.9, "coorddeform": 0.9}  # fmt: skip
+          "coordinvolution": 0.9, "coorddeform": 0.9, "dss": 0.45, "dss_bilinear": 0.45, "dss_deform": 0.45,
+          "local": 0.92}  # fmt: skip
+SCALE_ERROR = {"dss": 0.05, "dss_deform": 0.04}  # the others 0.1
 
 
 def fake_run(variant: str, seed: int) -> dict:
@@ -46,7 +48,7 @@ def fake_run(variant: str, seed: int) -> dict:
         evaluation, training = metric_paths(model)
         files[evaluation] = {
             **scores, "transfer": {"96": scores},
-            "equivariance": {"translation": {"8": 1 - recall}, "scale": {"1.5": 0.1}},
+            "equivariance": {"translation": {"8": 1 - recall}, "scale": {"1.5": SCALE_ERROR.get(model, 0.1)}},
         }  # fmt: skip
         files[training] = {
             "steps_to_position_recall_0_9": None if recall < 0.9 else 20 + seed, "steps": 60,
@@ -181,6 +183,12 @@ def test_results_and_verdicts_follow_the_metrics() -> None:
     versus_vanilla = rows[("Families: involution vs vanilla", "position_recall")]
     assert versus_vanilla["seeds"] == list(SEEDS) and versus_vanilla["A"] is not None
     assert rows[("Headline: coordbias vs vanilla", "parameters")]["all"]["verdict"] is None
+    dss = rows[("DSS: dss vs vanilla", "scale_error_1.5")]
+    assert dss["answers"] and dss["all"]["verdict"] == "A lower"  # a scale question, answered by scale
+    assert not rows[("DSS: dss vs vanilla", "position_recall")]["answers"]
+    assert (
+        rows[("Spatial-specific filter: local vs vanilla", "position_recall")]["all"]["verdict"] == "A higher"
+    )
 
 
 def test_a_verdict_that_differs_between_replicates_is_not_replicated() -> None:
@@ -196,7 +204,7 @@ def test_a_verdict_that_differs_between_replicates_is_not_replicated() -> None:
 
 def test_every_factory_layer_is_in_the_study() -> None:
     studied = {model for variant in VARIANTS.values() for model in variant.models}
-    assert studied == set(LAYERS) | set(CONTENT_ADAPTIVE)
+    assert studied == set(LAYERS) | set(FAMILIES)
     assert metric_paths("deform")[0] == "metrics/families/deform.json"
 
 

@@ -18,11 +18,12 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from posconv.compare import transfer_quantities
 from posconv.errors import BadInput
 from posconv.metrics import position_recall
-from posconv.registry import CLASS_NAMES, CONTENT_ADAPTIVE, LAYERS, scale_key
+from posconv.registry import CLASS_NAMES, FAMILIES, LAYERS, scale_key
 
 REPLICATES = {"A": (0, 1, 2, 3, 4), "B": (5, 6, 7, 8, 9)}  # two independent runs of the study
 SEEDS = REPLICATES["A"] + REPLICATES["B"]  # data seed and training seed together
@@ -57,7 +58,7 @@ class Variant:
 
     @property
     def models(self) -> tuple[str, ...]:
-        return CONTENT_ADAPTIVE if self.families else LAYERS
+        return FAMILIES if self.families else LAYERS
 
 
 VARIANTS = {
@@ -66,30 +67,59 @@ VARIANTS = {
     "per_input": Variant({"model.coords_per_input": True}),  # the seed's first coordinate-bias form
     "families": Variant({}, families=True),  # families/dvc.yaml: the content-adaptive layers
 }
-# (question, (variant, model) A, (variant, model) B)
+Arm = tuple[str, str]  # (variant, model)
+POSITION = ("position_recall", "steps_to_position_recall_0_9")  # what most questions are about
+SCALE = ("scale_error_",)  # every rescaling (a prefix: the quantities are named by factor)
+
+
+class Comparison(NamedTuple):
+    question: str
+    a: Arm
+    b: Arm
+    answers: tuple[str, ...] = POSITION  # the quantities (or prefixes ending in _) that answer it
+
+
 COMPARISONS = [
-    ("Headline: coordbias vs vanilla", ("baseline", "coordbias"), ("baseline", "vanilla")),
-    (
+    Comparison("Headline: coordbias vs vanilla", ("baseline", "coordbias"), ("baseline", "vanilla")),
+    Comparison(
         "Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm",
         ("batchnorm", "coordbias"),
         ("batchnorm", "vanilla"),
     ),
-    (
+    Comparison(
         "Q1 BatchNorm: coordbias with vs without BatchNorm",
         ("batchnorm", "coordbias"),
         ("baseline", "coordbias"),
     ),
-    ("Q3 coordbias vs coordconv", ("baseline", "coordbias"), ("baseline", "coordconv")),
-    (
+    Comparison("Q3 coordbias vs coordconv", ("baseline", "coordbias"), ("baseline", "coordconv")),
+    Comparison(
         "Seed's first form: per-input-channel vs reduced coordbias",
         ("per_input", "coordbias"),
         ("baseline", "coordbias"),
     ),
-    ("Families: involution vs vanilla", ("families", "involution"), ("baseline", "vanilla")),
-    ("Families: coordinvolution vs involution", ("families", "coordinvolution"), ("families", "involution")),
-    ("Families: deform vs vanilla", ("families", "deform"), ("baseline", "vanilla")),
-    ("Families: coorddeform vs deform", ("families", "coorddeform"), ("families", "deform")),
+    Comparison("Families: involution vs vanilla", ("families", "involution"), ("baseline", "vanilla")),
+    Comparison(
+        "Families: coordinvolution vs involution", ("families", "coordinvolution"), ("families", "involution")
+    ),
+    Comparison("Families: deform vs vanilla", ("families", "deform"), ("baseline", "vanilla")),
+    Comparison("Families: coorddeform vs deform", ("families", "coorddeform"), ("families", "deform")),
+    # seed 004: DSS lowers the scale equivariance error (its authors' claim); bilinear lifting (DSS v2) is
+    # worse; deformable DSS helps at small rescalings and hurts at large ones
+    Comparison("DSS: dss vs vanilla", ("families", "dss"), ("baseline", "vanilla"), SCALE),
+    Comparison("DSS v2: dss_bilinear vs dss", ("families", "dss_bilinear"), ("families", "dss"), SCALE),
+    Comparison("Deformable DSS: dss_deform vs dss", ("families", "dss_deform"), ("families", "dss"), SCALE),
+    # seed 003's spatial-specific filter: every pixel its own weights
+    Comparison("Spatial-specific filter: local vs vanilla", ("families", "local"), ("baseline", "vanilla")),
+    Comparison(
+        "Spatial-specific filter: local vs coordbias", ("families", "local"), ("baseline", "coordbias")
+    ),
 ]
+
+
+def answers(comparison: Comparison, quantity: str) -> bool:
+    """Whether `quantity` is one that answers `comparison`'s question."""
+    return any(quantity == a or (a.endswith("_") and quantity.startswith(a)) for a in comparison.answers)
+
 
 Reader = Callable[[dict, dict], float | None]  # (evaluation metrics, training metrics) -> value
 
@@ -205,7 +235,8 @@ def compare(results: dict, readers: dict[str, Quantity]) -> list[dict]:
     difference, its 95% interval and the verdict; `replicated`: True when both replicates give the same
     verdict, False when they differ, None when an arm ran one replicate only."""
     rows = []
-    for question, (variant_a, model_a), (variant_b, model_b) in COMPARISONS:
+    for comparison in COMPARISONS:
+        question, (variant_a, model_a), (variant_b, model_b) = comparison[:3]
         seeds_a, seeds_b = VARIANTS[variant_a].seeds, VARIANTS[variant_b].seeds
         both = tuple(seed for seed in SEEDS if seed in seeds_a and seed in seeds_b)
         for quantity, q in readers.items():
@@ -218,12 +249,12 @@ def compare(results: dict, readers: dict[str, Quantity]) -> list[dict]:
             rows.append({
                 "question": question, "quantity": quantity, "margin": q.margin, "seeds": list(both),
                 "a": f"{variant_a}/{model_a}", "b": f"{variant_b}/{model_b}",
-                **judged, "replicated": replicated,
+                **judged, "replicated": replicated, "answers": answers(comparison, quantity),
             })  # fmt: skip
     return rows
 
 
-ROW_KEYS = {"question", "quantity", "a", "b", "replicated", ALL, *REPLICATES}
+ROW_KEYS = {"question", "quantity", "a", "b", "replicated", "answers", ALL, *REPLICATES}
 
 
 def check_study(study: object, path: str) -> dict:

@@ -21,7 +21,7 @@ POSITION_CLASSES = (RIGHT_YELLOW, LEFT_YELLOW, BOTTOM_RED)  # the classes that d
 VANILLA, COORDBIAS, COORDCONV = "vanilla", "coordbias", "coordconv"
 LAYERS = (VANILLA, COORDBIAS, COORDCONV)  # trained by the pipeline's train stages
 BASELINE = VANILLA
-# content-adaptive layers (seeds 003, 004), alone and given coordinates: in the factory, not yet trained
+# content-adaptive layers (seeds 003, 004), alone and given coordinates
 INVOLUTION, COORD_INVOLUTION, DEFORM, COORD_DEFORM = "involution", "coordinvolution", "deform", "coorddeform"
 CONTENT_ADAPTIVE = (INVOLUTION, COORD_INVOLUTION, DEFORM, COORD_DEFORM)
 # Deep Scale-Spaces (seed 004's own proposal): Gaussian lifting, bilinear lifting (DSS v2), deformable
@@ -29,7 +29,8 @@ DSS, DSS_BILINEAR, DSS_DEFORM = "dss", "dss_bilinear", "dss_deform"
 SCALE_SPACE = (DSS, DSS_BILINEAR, DSS_DEFORM)
 LOCAL = "local"  # a kernel of its own at every output location (seed 003's spatial-specific filter)
 LOCALLY_CONNECTED = (LOCAL,)
-FACTORY_LAYERS = LAYERS + CONTENT_ADAPTIVE + SCALE_SPACE + LOCALLY_CONNECTED
+FAMILIES = CONTENT_ADAPTIVE + SCALE_SPACE + LOCALLY_CONNECTED  # trained and scored by families/dvc.yaml
+FACTORY_LAYERS = LAYERS + FAMILIES
 
 # ---- pipeline outputs ----
 
@@ -43,7 +44,7 @@ SUMMARY = "metrics/summary.json"
 EVALUATE_PLOTS = "plots/evaluate"
 REPORT = "plots/report.md"
 STUDY_REPORT = "plots/study.md"  # study/dvc.yaml: the study, the benchmarks, the other pipelines
-FAMILIES_METRICS = "metrics/families"  # families/dvc.yaml: the content-adaptive layers' scores
+FAMILIES_METRICS = "metrics/families"  # families/dvc.yaml: the other families' scores
 STUDY = "metrics/study.json"
 BENCH_LAYERS = "metrics/bench_layers.json"
 

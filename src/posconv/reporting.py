@@ -157,10 +157,14 @@ RULE = (
     "count, a lower bound), 0.02 for equivariance errors. The rule is applied to each of the two "
     "independent replicates (seeds 0-4 and 5-9) and to all the seeds both arms ran."
 )
-ANSWERED = {  # each question's one-line answer: quantity -> its words
+WORDS = {  # how an answer's line names a quantity; others by their names
     "position_recall": "test position recall",
     "steps_to_position_recall_0_9": "steps to validation position recall 0.9",
 }
+
+
+def words(quantity: str) -> str:
+    return WORDS.get(quantity, quantity.replace("_", " "))
 
 
 def judged(side: dict) -> str:
@@ -183,14 +187,16 @@ def _mean(study: dict, arm: str, quantity: str) -> float:
 
 
 def answer(study: dict, rows: dict[str, dict]) -> str:
-    """One question in a line: the verdicts on position recall and learning speed, per replicate."""
-    first = rows["position_recall"]
+    """One question in a line: the verdicts on the quantities that answer it (position recall and
+    learning speed, or the scale equivariance errors), per replicate."""
+    first = next(iter(rows.values()))
     parts = []
-    for quantity, words in ANSWERED.items():
-        row = rows[quantity]
+    for quantity, row in rows.items():
+        if not row["answers"]:
+            continue
         a, b = (_mean(study, row[arm], quantity) for arm in ("a", "b"))
         parts.append(
-            f"{words} {fmt(a)} vs {fmt(b)}, A - B {judged(row['all'])} "
+            f"{words(quantity)} {fmt(a)} vs {fmt(b)}, A - B {judged(row['all'])} "
             f"(replicates: {said_by(row['A'])} / {said_by(row['B'])}, {REPLICATED[row['replicated']]})"
         )
     return f"- **{first['question']}** (A `{first['a']}`, B `{first['b']}`): " + "; ".join(parts) + "."

@@ -77,12 +77,27 @@ def evaluate_memory(params: Params) -> int:
     return scenes + activations
 
 
+def check_generate(params: Params, root: str | Path = ".") -> None:
+    g = params.generate
+    needed, free = generate_disk(params), free_disk(Path(root) / "data")
+    require(needed, free, f"generate.images = {g.images} at generate.size = {g.size}", "disk")
+
+
+def check_train(params: Params) -> None:
+    g = params.generate
+    require(
+        train_memory(params), available_memory(), f"training on {g.images} images of {g.size} px", "memory"
+    )
+
+
+def check_evaluate(params: Params) -> None:
+    e = params.evaluate
+    where = f"evaluating at evaluate.sizes = {e.sizes}, evaluate.batch_size = {e.batch_size}"
+    require(evaluate_memory(params), available_memory(), where, "memory")
+
+
 def check(params: Params, root: str | Path = ".") -> None:
     """Every stage's needs against this machine; the first that does not fit is one BadInput line."""
-    g, e = params.generate, params.evaluate
-    disk = free_disk(Path(root) / "data")
-    require(generate_disk(params), disk, f"generate.images = {g.images} at generate.size = {g.size}", "disk")
-    memory = available_memory()
-    require(train_memory(params), memory, f"training on {g.images} images of {g.size} px", "memory")
-    where = f"evaluate.sizes = {e.sizes}, evaluate.batch_size = {e.batch_size}"
-    require(evaluate_memory(params), memory, f"evaluating at {where}", "memory")
+    check_generate(params, root)
+    check_train(params)
+    check_evaluate(params)

@@ -122,7 +122,7 @@ def write_scores(directory: Path, results: dict[str, dict]) -> None:
 
 def evaluate_pipeline() -> None:
     params = load_params()
-    resources.check(params)
+    resources.check_evaluate(params)
     fused.enable(params.train.fused_conv)
     scored = score_layers(registry.LAYERS, params)
     training = {layer: read_json(registry.train_metrics(layer)) for layer in registry.LAYERS}
@@ -154,9 +154,9 @@ def evaluate_pipeline() -> None:
 def evaluate_families() -> None:
     """The content-adaptive families (families/dvc.yaml): their scores only."""
     params = load_params()
-    resources.check(params)
+    resources.check_evaluate(params)
     fused.enable(params.train.fused_conv)
-    results = score_layers(registry.CONTENT_ADAPTIVE, params).results
+    results = score_layers(registry.FAMILIES, params).results
     with atomic_outputs(registry.FAMILIES_METRICS) as (metrics_dir,):
         write_scores(metrics_dir, results)
 

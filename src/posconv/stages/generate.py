@@ -23,7 +23,7 @@ PREVIEW_IMAGES = 6
 def main(argv: list[str]) -> None:
     parser(__name__, __doc__).parse_args(argv)
     params = load_params()
-    resources.check(params)
+    resources.check_generate(params)
     size, count = params.generate.size, params.generate.images
     started = time.perf_counter()
     with atomic_outputs(registry.SCENES, registry.PREVIEW) as (scenes_dir, preview):

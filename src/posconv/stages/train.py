@@ -112,7 +112,7 @@ def main(argv: list[str]) -> None:
     )
     args = arguments.parse_args(argv)
     layer, params = args.layer, load_params()
-    resources.check(params)
+    resources.check_train(params)
     if args.families:
         placement = params.families.placement
         params = params.model_copy(update={"model": params.model.model_copy(update={"placement": placement})})

@@ -27,7 +27,7 @@ from posconv.grid import (
     quantities,
 )  # fmt: skip
 from posconv.io import read_json, write_json
-from posconv.registry import CONTENT_ADAPTIVE, STUDY, evaluate_metrics, family_metrics, train_metrics
+from posconv.registry import FAMILIES, STUDY, evaluate_metrics, family_metrics, train_metrics
 from posconv.tools.experiments import (
     Experiment,
     finished,
@@ -83,7 +83,7 @@ def measured_cost(finished_at: float, cpu_now: float | None) -> dict:
 
 def metric_paths(model: str) -> tuple[str, str]:
     """A model's (evaluation, training) metrics files in its experiment."""
-    evaluation = family_metrics(model) if model in CONTENT_ADAPTIVE else evaluate_metrics(model)
+    evaluation = family_metrics(model) if model in FAMILIES else evaluate_metrics(model)
     return evaluation, train_metrics(model)
 
 
