@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup repro test lint lock
+.PHONY: setup repro verify models test lint lock
 
 setup: $(INSTALLED)
 
@@ -19,6 +19,9 @@ $(INSTALLED): pyproject.toml constraints.txt
 
 repro: $(INSTALLED)  ## data, trainings, evaluation, report
 	dvc repro
+
+verify: $(INSTALLED)  ## after make repro: does the reproduction agree with the committed results?
+	python -m posconv.tools.verify
 
 test: $(INSTALLED) lint  ## tests, then the metrics gate on the committed results
 	pytest -q

@@ -26,9 +26,9 @@ from posconv.grid import (
     quantities,
     verdict,
 )
-from posconv.registry import FAMILIES, LAYERS
+from posconv.registry import FAMILIES, LAYERS, model_metrics
 from posconv.tools.experiments import Experiment, finished
-from posconv.tools.study import grid, metric_paths
+from posconv.tools.study import grid
 
 READERS = quantities([96], [8], [1.5])
 # position recall by model: coordbias and its first form learn position, the families with coordinates
@@ -45,7 +45,7 @@ def fake_run(variant: str, seed: int) -> dict:
     for model in VARIANTS[variant].models:
         recall = RECALL[model] + 0.01 * (seed % 3)
         scores = {"recall": [0.99, recall, recall, recall], "miou": recall - 0.1}
-        evaluation, training = metric_paths(model)
+        evaluation, training = model_metrics(model)
         files[evaluation] = {
             **scores, "transfer": {"96": scores},
             "equivariance": {"translation": {"8": 1 - recall}, "scale": {"1.5": SCALE_ERROR.get(model, 0.1)}},
@@ -64,7 +64,7 @@ def fake_runs() -> dict[str, dict]:
 
 
 def fake_study() -> dict:
-    results = aggregate(fake_runs(), READERS, metric_paths)
+    results = aggregate(fake_runs(), READERS, model_metrics)
     return {
         "replicates": REPLICATES, "scale": {"generate.size": 64}, "cost": {"wall_s": 100.0, "cpu_s": 190.0},
         "variants": {n: {"changes": v.changes, "models": v.models, "seeds": v.seeds}
@@ -196,7 +196,7 @@ def test_a_verdict_that_differs_between_replicates_is_not_replicated() -> None:
     for seed in REPLICATES["B"]:  # the second replicate: BatchNorm erases coordbias's gain
         scores = runs[f"study-batchnorm-s{seed}"]["metrics/evaluate/coordbias.json"]
         scores["recall"] = [0.99, 0.45, 0.45, 0.45 + 0.01 * seed]
-    results = aggregate(runs, READERS, metric_paths)
+    results = aggregate(runs, READERS, model_metrics)
     rows = {(r["question"], r["quantity"]): r for r in compare(results, READERS)}
     bn = rows[("Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm", "position_recall")]
     assert bn["A"]["verdict"] == "A higher" and bn["B"]["verdict"] != "A higher" and not bn["replicated"]
@@ -205,7 +205,7 @@ def test_a_verdict_that_differs_between_replicates_is_not_replicated() -> None:
 def test_every_factory_layer_is_in_the_study() -> None:
     studied = {model for variant in VARIANTS.values() for model in variant.models}
     assert studied == set(LAYERS) | set(FAMILIES)
-    assert metric_paths("deform")[0] == "metrics/families/deform.json"
+    assert model_metrics("deform")[0] == "metrics/families/deform.json"
 
 
 def test_a_study_file_of_another_format_is_refused_in_one_line() -> None:

@@ -154,6 +154,37 @@ def quantities(sizes: list[int], shifts: list[int], scales: list[float]) -> dict
     return found
 
 
+# A reproduction's tolerance on a quantity: the difference between two runs that differ only by chance
+# stays within z(0.995) * sqrt(2) * sd in 99% of cases (the sd over the study's seeds, two independent
+# runs, normal errors); per model, from the variant that trains it at params.yaml's settings.
+TOLERANCE_FACTOR = 2.576 * math.sqrt(2)
+PER_SIZE = ("position_recall_at_", "translation_error_", "scale_error_")  # one tolerance for all sizes
+
+
+def tolerance_key(quantity: str) -> str:
+    """The tolerance a quantity is judged by: one per kind for the sized ones (the study's transfer sizes
+    and rescalings need not be the card's)."""
+    return next((prefix + "any" for prefix in PER_SIZE if quantity.startswith(prefix)), quantity)
+
+
+def tolerances(results: dict, readers: dict[str, Quantity]) -> dict[str, dict[str, float]]:
+    """model -> tolerance key -> tolerance, from the seed-to-seed spread of the study's baseline and
+    families variants (the largest spread over a kind's sizes); parameters must agree exactly. A
+    quantity is left out (not judged) where it has no spread to measure: throughput, and steps to a
+    target that some seed never reached."""
+    found: dict[str, dict[str, float]] = {}
+    for variant in ("baseline", "families"):
+        for model, quantities in results[variant].items():
+            entry = found.setdefault(model, {})
+            for quantity, q in readers.items():
+                if (q.margin is None and quantity != "parameters") or quantities[quantity]["censored"]:
+                    continue  # throughput is the machine's; a target some seed never reached has no spread
+                spread = statistics.stdev(quantities[quantity]["values"]) * TOLERANCE_FACTOR
+                key = tolerance_key(quantity)
+                entry[key] = max(entry.get(key, 0.0), 0.0 if quantity == "parameters" else spread)
+    return found
+
+
 def experiment_name(variant: str, seed: int) -> str:
     return f"study-{variant}-s{seed}"
 

@@ -46,6 +46,7 @@ REPORT = "plots/report.md"
 STUDY_REPORT = "plots/study.md"  # study/dvc.yaml: the study, the benchmarks, the other pipelines
 FAMILIES_METRICS = "metrics/families"  # families/dvc.yaml: the other families' scores
 STUDY = "metrics/study.json"
+TOLERANCES = "metrics/tolerances.json"  # the study's seed-to-seed spread: what a reproduction may differ by
 BENCH_LAYERS = "metrics/bench_layers.json"
 
 
@@ -69,6 +70,11 @@ def loss_curve(layer: str, split: str) -> str:
 
 def evaluate_metrics(layer: str) -> str:
     return f"{EVALUATE_METRICS}/{layer}.json"
+
+
+def model_metrics(model: str) -> tuple[str, str]:
+    """A trained model's (evaluation, training) metrics files, whichever pipeline trains it."""
+    return family_metrics(model) if model in FAMILIES else evaluate_metrics(model), train_metrics(model)
 
 
 def family_metrics(layer: str) -> str:

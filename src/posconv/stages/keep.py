@@ -19,9 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ruamel.yaml import YAML
-
-from posconv.config import read_yaml
+from posconv.config import parse_yaml, read_yaml
 from posconv.errors import BadInput
 
 DVC_ROOT, DVC_STAGE = "DVC_ROOT", "DVC_STAGE"  # what DVC tells every command it runs
@@ -37,7 +35,7 @@ def _lock_entry(root: Path, stage: str, revision: str | None = None) -> dict:
     else:
         command = ["git", "show", f"{revision}:{lock}"]
         shown = subprocess.run(command, cwd=root, capture_output=True, text=True)
-        data = YAML(typ="safe").load(shown.stdout) if shown.returncode == 0 else None
+        data = parse_yaml(shown.stdout, f"{revision}:{lock}") if shown.returncode == 0 else None
     return ((data or {}).get("stages") or {}).get(name) or {}
 
 

@@ -20,14 +20,16 @@ from posconv.grid import (
     FULL_SCALE,
     REPLICATES,
     SCALE,
+    TOLERANCE_FACTOR,
     VARIANTS,
     aggregate,
     compare,
     experiment_name,
     quantities,
+    tolerances,
 )  # fmt: skip
 from posconv.io import read_json, write_json
-from posconv.registry import FAMILIES, STUDY, evaluate_metrics, family_metrics, train_metrics
+from posconv.registry import STUDY, TOLERANCES, model_metrics
 from posconv.tools.experiments import (
     Experiment,
     finished,
@@ -81,15 +83,9 @@ def measured_cost(finished_at: float, cpu_now: float | None) -> dict:
     return {"wall_s": finished_at - start["started"], "cpu_s": cpu, "jobs": start["jobs"]}
 
 
-def metric_paths(model: str) -> tuple[str, str]:
-    """A model's (evaluation, training) metrics files in its experiment."""
-    evaluation = family_metrics(model) if model in FAMILIES else evaluate_metrics(model)
-    return evaluation, train_metrics(model)
-
-
 def read_metrics(revision: str, models: tuple[str, ...]) -> dict[str, dict]:
     """An experiment's metrics files of `models`."""
-    return read_files(revision, [path for model in models for path in metric_paths(model)])
+    return read_files(revision, [path for model in models for path in model_metrics(model)])
 
 
 def reuse(names: list[str]) -> dict:
@@ -122,7 +118,7 @@ def collect(cost: dict | None) -> None:
         name: read_metrics(revisions[name].revision, VARIANTS[variant].models)
         for name, variant in names.items()
     }
-    results = aggregate(metrics, readers, metric_paths)
+    results = aggregate(metrics, readers, model_metrics)
     variants = {
         name: {"changes": v.changes, "models": v.models, "seeds": v.seeds} for name, v in VARIANTS.items()
     }
@@ -131,7 +127,8 @@ def collect(cost: dict | None) -> None:
         "margins": {name: q.margin for name, q in readers.items()}, "cost": cost,
         "results": results, "comparisons": compare(results, readers),
     })  # fmt: skip
-    logger.info("wrote %s: %d variants, %d experiments", STUDY, len(VARIANTS), len(names))
+    write_json(TOLERANCES, {"factor": TOLERANCE_FACTOR, "tolerances": tolerances(results, readers)})
+    logger.info("wrote %s and %s: %d variants, %d experiments", STUDY, TOLERANCES, len(VARIANTS), len(names))
 
 
 def main(argv: list[str]) -> None:
