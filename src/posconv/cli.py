@@ -106,6 +106,8 @@ def run(main: Callable[[list[str]], None], on_failure: Callable[[], None] | None
     `on_failure` runs when `main` fails in any way (a stage puts back the outputs DVC removed)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # an ignored Ctrl-C stays ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _end_with_launcher()
         main(sys.argv[1:])
