@@ -408,7 +408,7 @@ def test_the_report_sets_the_runs_beside_the_paper_in_words_the_numbers_choose(m
         "square": 9,
         "splits": {"uniform": {"train": 2368, "test": 768}},
     }
-    text = reporting.coordinates_section(summary, counts)
+    text = reporting.render_coordinates(summary, counts)
     row = "| uniform | `coordbias` | 2 | test accuracy 1.0000 [1.0000, 1.0000] | 10 | 2/2: 25.0"
     assert row in text
     assert "at most 0.8400 test accuracy" in text and "about 0.8600 after over 1 h: **agrees**" in text
@@ -419,7 +419,7 @@ def test_the_report_sets_the_runs_beside_the_paper_in_words_the_numbers_choose(m
     monkeypatch.setitem(
         reporting.COORDCONV_PAPER, "conv_accuracy_uniform", reporting.PaperFigure(0.8, "§4.1")
     )
-    assert "about 0.8000 after over 1 h: **disagrees**" in reporting.coordinates_section(summary, counts)
+    assert "about 0.8000 after over 1 h: **disagrees**" in reporting.render_coordinates(summary, counts)
 
 
 # ---- the stages: bad input is one line, exit 2, nothing written ----
@@ -484,18 +484,18 @@ PIPELINE = yaml.safe_load((ROOT / "coordinates/dvc.yaml").read_text())["stages"]
 
 
 def test_each_stage_lists_exactly_the_sources_it_imports() -> None:
+    assert list(PIPELINE) == ["data", "train", "compare", "report"]
     read = sources("posconv.stages.coordinates")
     for name in ("data", "compare"):
         assert covers(listed_sources(PIPELINE[name]), read), name
     assert covers(listed_sources(PIPELINE["train"]["do"]), read)
+    assert covers(listed_sources(PIPELINE["report"]), sources("posconv.stages.report"))
 
 
 def test_no_param_reaches_a_command_and_each_task_reads_only_its_own_group() -> None:
-    commands = [PIPELINE["data"]["cmd"], PIPELINE["train"]["do"]["cmd"], PIPELINE["compare"]["cmd"]]
-    assert all("${" not in c for c in commands[::2]) and re.findall(r"\$\{([\w.]+)\}", commands[1]) == [
-        "item.task",
-        "item.split",
-    ]
+    commands = [PIPELINE[name]["cmd"] for name in ("data", "compare", "report")]
+    assert all("${" not in c for c in commands)
+    assert re.findall(r"\$\{([\w.]+)\}", PIPELINE["train"]["do"]["cmd"]) == ["item.task", "item.split"]
     items = PIPELINE["train"]["foreach"]
     assert [(i["task"], i["split"]) for i in items] == [(t, s) for t in COORD_TASKS for s in COORD_SPLITS]
     assert "coordinates.${item.task}" in PIPELINE["train"]["do"]["params"]
@@ -520,10 +520,10 @@ def read(project: Path, path: str) -> dict:
 @pytest.mark.slow
 def test_repro_then_an_experiment_reruns_only_its_task(project: Path, sh: Callable) -> None:
     ran = sh("dvc", "repro", "coordinates/dvc.yaml").stdout
-    assert set(re.findall(r"Running stage 'coordinates/dvc.yaml:([\w@]+)'", ran)) == {
-        "data",
-        *TRAINS,
-        "compare",
+    assert "Running stage 'check_params'" in ran  # first, from the root dvc.yaml; the card's others not
+    assert set(re.findall(r"Running stage '([\w/.:@]+)'", ran)) == {
+        "check_params",
+        *(f"coordinates/dvc.yaml:{name}" for name in ("data", *TRAINS, "compare", "report")),
     }
     tiny = yaml.safe_load((project / "params.yaml").read_text())["coordinates"]
     counts = read(project, "metrics/coordinates/data.json")
@@ -547,6 +547,8 @@ def test_repro_then_an_experiment_reruns_only_its_task(project: Path, sh: Callab
                 assert a["parameters"] == cc.count_parameters(cc.build_network(task, arm, cc.Sizes(**sizes)))
     summary = read(project, "metrics/coordinates/summary.json")
     assert set(summary["cells"]) == set(COORD_TASKS) and summary["comparisons"]
+    page = (project / "plots/coordinates.md").read_text()
+    assert "dvc repro coordinates/dvc.yaml" in page and "| classification | uniform | `coordbias` |" in page
     assert "up to date" in sh("dvc", "status", "coordinates/dvc.yaml").stdout
 
     sh("git", "add", "-A")
@@ -559,16 +561,29 @@ def test_repro_then_an_experiment_reruns_only_its_task(project: Path, sh: Callab
         "train@2",
         "train@3",
         "compare",
+        "report",
     }
     assert (
         read(project, "metrics/coordinates/regression_quadrant.json")["arms"]["coordbias"]["runs"][0]["steps"]
         == steps
     )
-    # back to the committed params: DVC's run-cache serves every stage, nothing is trained again
+    # back to the committed params: DVC's run-cache serves every stage, nothing is trained again; the
+    # page (a plain output, as the other reports) is rendered again
     sh("git", "checkout", "--", "params.yaml")
     back = sh("dvc", "repro", "coordinates/dvc.yaml").stdout
-    assert "Running stage" not in back and back.count("skipping run") == 3  # train@2, train@3, compare
+    assert re.findall(r"Running stage '([\w/.:@]+)'", back) == ["coordinates/dvc.yaml:report"]
+    assert back.count("skipping run") == 3  # train@2, train@3, compare
     assert (
         read(project, "metrics/coordinates/regression_quadrant.json")["arms"]["coordbias"]["runs"][0]["steps"]
         == steps - 2
     )
+
+
+@pytest.mark.slow
+def test_a_bad_coordinates_param_stops_dvc_repro_at_check_params(project: Path, sh: Callable) -> None:
+    set_coordinates(project, lambda c: c.update(family_kernel=4))
+    result = sh("dvc", "repro", "coordinates/dvc.yaml", check=False)
+    assert result.returncode != 0
+    assert "coordinates.family_kernel = 4: expected an odd kernel" in result.stdout + result.stderr
+    assert "Running stage 'coordinates/dvc.yaml" not in result.stdout
+    assert not (project / "data/coordinates").exists()

@@ -91,7 +91,7 @@ def test_dvc_yaml_has_the_stages_and_lists_exactly_the_sources_each_reads() -> N
 
 def test_every_stage_runs_after_the_params_are_checked() -> None:
     """check_params first: every other stage of every pipeline depends on its output."""
-    for path in ("dvc.yaml", "families/dvc.yaml", "study/dvc.yaml"):
+    for path in ("dvc.yaml", "families/dvc.yaml", "study/dvc.yaml", "coordinates/dvc.yaml"):
         for name, stage in yaml.safe_load((ROOT / path).read_text())["stages"].items():
             stage = stage.get("do", stage)
             assert name == "check_params" or "metrics/params_checked.json" in stage["deps"], (path, name)

@@ -1,5 +1,6 @@
 """The reports as Markdown, rendered from the metrics files the report stages read: the card's
-(`plots/report.md`) and the study's (`plots/study.md`)."""
+(`plots/report.md`), the study's (`plots/study.md`) and the coordinate benchmark's
+(`plots/coordinates.md`)."""
 
 from __future__ import annotations
 
@@ -352,7 +353,9 @@ def render(params: Params, summary: dict, evaluation: dict, training: dict, data
         "# posconv: where-aware convolutions, the card's report",
         "Written by the `report` stage of `dvc repro`; every number is read from `metrics/`. The study "
         "over many seeds, the layer benchmark and the other pipelines are in [the study's report](study.md), "
-        "made by `dvc repro study/dvc.yaml` (a separate, deliberate act: `dvc repro` never starts it).",
+        "made by `dvc repro study/dvc.yaml` (a separate, deliberate act: `dvc repro` never starts it); "
+        "CoordConv's coordinate-transform benchmark is on [its own page](coordinates.md), made by "
+        "`dvc repro coordinates/dvc.yaml`.",
         verdict(summary, training),
         headline_section(summary),
         models_section(evaluation, training),
@@ -587,8 +590,9 @@ def coordinates_conclusions(summary: dict) -> str:
     return "\n".join(f"- {point}" for point in points)
 
 
-def coordinates_section(summary: dict, counts: dict) -> str:
-    """The benchmark in one section: its data, the side-by-side table, the conclusions, every comparison."""
+def render_coordinates(summary: dict, counts: dict) -> str:
+    """The benchmark's page (`plots/coordinates.md`): its data, the side-by-side table, the conclusions,
+    every comparison."""
     splits = "; ".join(
         f"{split}: {fmt(sides['train'])} train, {fmt(sides['test'])} test"
         for split, sides in counts["splits"].items()
@@ -603,6 +607,14 @@ def coordinates_section(summary: dict, counts: dict) -> str:
         + "; ".join(dict.fromkeys(figure.source for figure in COORDCONV_PAPER.values()))
         + "."
     )
-    parts = [intro, coordinates_table(summary), coordinates_conclusions(summary)]
-    parts.append("### Every comparison\n\n" + coordinates_comparisons(summary))
-    return "## CoordConv's coordinate tasks, beside the paper\n\n" + "\n\n".join(parts)
+    sections = [
+        "# posconv: CoordConv's coordinate tasks, beside the paper",
+        "Written by the `report` stage of `coordinates/dvc.yaml`, a pipeline of its own: run it with "
+        "`dvc repro coordinates/dvc.yaml` (the card's `dvc repro` never starts it); every number is read "
+        "from `metrics/coordinates/`.",
+        intro,
+        coordinates_table(summary),
+        "## Conclusions\n\n" + coordinates_conclusions(summary),
+        "## Every comparison\n\n" + coordinates_comparisons(summary),
+    ]
+    return "\n\n".join(sections) + "\n"

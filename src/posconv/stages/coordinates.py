@@ -4,7 +4,8 @@
 (`data/coordinates/`) and their counts (`metrics/coordinates/data.json`); `... train <task> <split>`
 trains every arm of `coordinates.layers` for its seeds on one task and split
 (`metrics/coordinates/<task>_<split>.json`); `... compare` judges them with the study's paired rule
-(`metrics/coordinates/summary.json`). Each reads params.yaml itself: no param reaches a command line.
+(`metrics/coordinates/summary.json`); its page is the report stage's (`posconv.stages.report
+--coordinates`). Each reads params.yaml itself: no param reaches a command line.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import torch
 
 from posconv import registry
-from posconv.cli import parser, run
+from posconv.cli import parser
 from posconv.config import CoordinatesParams, load_params
 from posconv.coordinates import (
     CANVAS,
@@ -32,6 +33,7 @@ from posconv.coordinates import (
     train_run,
 )
 from posconv.io import atomic_outputs, read_json, write_json
+from posconv.stages import run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -119,4 +121,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

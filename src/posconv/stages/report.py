@@ -1,6 +1,8 @@
 """Stage `report`: the card's `plots/report.md`; with `--study` (study/dvc.yaml's `report`), the
-study's `plots/study.md`. Every number is read from metrics files, each a declared dependency of its
-stage: the card's report reads only what `dvc repro` makes, so `dvc repro` never starts the study."""
+study's `plots/study.md`; with `--coordinates` (coordinates/dvc.yaml's `report`), the coordinate
+benchmark's `plots/coordinates.md`. Every number is read from metrics files, each a declared dependency
+of its stage: each page reads only what its own pipeline makes, so `dvc repro` never starts the study
+or the benchmark, and the study never starts the benchmark."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from posconv.cli import parser
 from posconv.config import load_params
 from posconv.grid import check_study
 from posconv.io import atomic_outputs, read_json
-from posconv.reporting import render, render_study
+from posconv.reporting import render, render_coordinates, render_study
 from posconv.stages import run_stage
 
 logger = logging.getLogger(__name__)
@@ -31,10 +33,18 @@ def study() -> tuple[str, str]:
     return registry.STUDY_REPORT, render_study(results, read_json(registry.BENCH_LAYERS))
 
 
+def coordinates() -> tuple[str, str]:
+    summary, counts = read_json(registry.COORDINATES_SUMMARY), read_json(registry.COORDINATES_COUNTS)
+    return registry.COORDINATES_REPORT, render_coordinates(summary, counts)
+
+
 def main(argv: list[str]) -> None:
     arguments = parser(__name__, __doc__)
-    arguments.add_argument("--study", action="store_true", help="the study's report (study/dvc.yaml)")
-    path, text = (study if arguments.parse_args(argv).study else card)()
+    page = arguments.add_mutually_exclusive_group()
+    page.add_argument("--study", action="store_true", help="the study's report (study/dvc.yaml)")
+    page.add_argument("--coordinates", action="store_true", help="the benchmark's (coordinates/dvc.yaml)")
+    args = arguments.parse_args(argv)
+    path, text = (study if args.study else coordinates if args.coordinates else card)()
     with atomic_outputs(path) as (temp,):
         temp.write_text(text)
     logger.info("wrote %s", path)
