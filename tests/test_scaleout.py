@@ -32,7 +32,8 @@ run(lambda argv: run_queued(grid, jobs=2))
 
 def experiments(sh: Callable) -> dict[str, str]:
     """Name -> revision of the finished experiments `dvc exp show` lists (test_study tests `finished`)."""
-    return finished(json.loads(sh("dvc", "exp", "show", "--json", "--all-commits").stdout))
+    shown = finished(json.loads(sh("dvc", "exp", "show", "--json", "--all-commits").stdout))
+    return {name: done.revision for name, done in shown.items()}
 
 
 @pytest.mark.slow
