@@ -55,7 +55,11 @@ step's offset gradient is that one-sided one.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -63,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from posconv.layers import acceleration, native
 from posconv.layers.coords import check_convention, output_grid, positioned
 from posconv.layers.position_term import add_position_term
 
@@ -74,6 +79,7 @@ __all__ = [
 
 Form = Literal["fast", "unfold"]  # the functional form: the exact one, or the textbook column one
 _FORMS: tuple[Form, ...] = ("fast", "unfold")
+Conv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (frame, weight, bias)
 
 
 class _Geometry(NamedTuple):
@@ -242,17 +248,241 @@ def _tap_matrices(weight: torch.Tensor, tap: tuple[int, int], n: int, groups: in
     return matrices.expand(n, -1, -1, -1).reshape(n * groups, c_out // groups, c_in)
 
 
-def _add_correction(
-    y: torch.Tensor,
+def _eager(
+    conv: Conv,
+    frame: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    geometry: _Geometry,
+) -> torch.Tensor:
+    """The deformable convolution as plain autograd: `conv` of the detached frame plus the correction."""
+    y = conv(frame.detach(), weight, bias)
+    z = _correction(frame, offset, mask, weight, geometry, (y.shape[-2], y.shape[-1]))
+    return y.add_(z.to(y.dtype))
+
+
+def _deform(
+    conv: Conv,
+    frame: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    geometry: _Geometry,
+) -> torch.Tensor:
+    """conv(frame, weight, bias) plus the deformation's correction, on the fast path where it runs
+    (`_library_for`), else eagerly. `conv` is the layer's plain convolution of the frame."""
+    if _library_for(frame) is not None:
+        return _Deform.apply(conv, frame, offset, mask, weight, bias, geometry)
+    return _eager(conv, frame, offset, mask, weight, bias, geometry)
+
+
+# ---- the fast path: the C++ columns (deform_cpu.cpp) around PyTorch's matrix products ----
+
+_SOURCE = Path(__file__).with_name("deform_cpu.cpp")
+_FLAGS = ("-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")  # deform_cpu.cpp says why
+_OP = "deform"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The C++ library, built at first use (`native.load`), or why it cannot be had."""
+    try:
+        return native.load(_SOURCE, _FLAGS)
+    except native.BuildError as error:
+        return str(error)
+
+
+def _library_for(frame: torch.Tensor) -> ctypes.CDLL | None:
+    """The library where the fast path runs: a CPU tensor, outside torch.compile (which compiles the
+    eager form), acceleration on and the library built; None where the eager path runs, after
+    `fall_back`'s one warning if acceleration is off or the library could not be built."""
+    if frame.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    library = _library() if acceleration.enabled() else f"{acceleration.SWITCH}=0"
+    if isinstance(library, str):
+        acceleration.fall_back(_OP, library)
+        return None
+    acceleration.record(_OP, "cpp")
+    return library
+
+
+class _NativeGeometry(ctypes.Structure):
+    """deform_cpu.cpp's Geometry: n is the images of one chunk."""
+
+    _fields_ = [
+        (name, ctypes.c_int64)
+        for name in (
+            "n", "c", "h", "w", "out_h", "out_w", "kernel_h", "kernel_w", "stride_h", "stride_w",
+            "top", "left", "dilation_h", "dilation_w", "groups", "offset_groups", "threads", "blocks",
+        )
+    ]  # fmt: skip
+
+
+# A column buffer up to this size is reused from the heap between chunks and calls; a larger one is
+# mapped afresh and page-faulted on every use (measured: allocating and filling 75 MB costs ~10x
+# refilling it, as much as one of the matrix products), and a chunk's columns stay in the L3 cache.
+_CHUNK_BYTES = 24 * 2**20
+
+
+class _Operands(NamedTuple):
+    """The fast path's operands in the compute dtype and the layouts deform_cpu.cpp reads."""
+
+    frame: torch.Tensor  # (N, H, W, C)
+    offset: torch.Tensor  # (N, H_out, W_out, 2·G·K)
+    mask: torch.Tensor | None  # (N, H_out, W_out, G·K)
+    matrices: torch.Tensor  # (groups, C_out/groups, K·C_in/groups), columns ordered tap, then channel
+    sizes: tuple[int, ...]  # _NativeGeometry's fields after n
+
+    def chunk_images(self) -> int:
+        """Whole images per chunk of the batch: a multiple of the thread count where that fits in
+        _CHUNK_BYTES (the backward gives each thread its own images), else fewer, down to one image
+        whose channels the backward splits among the threads."""
+        c, _, _, out_h, out_w, kh, kw, *_, threads = self.sizes
+        images = max(1, _CHUNK_BYTES // (out_h * out_w * kh * kw * c * self.frame.element_size()))
+        return min(len(self.frame), images - images % threads if images >= threads else images)
+
+    def chunks(self) -> Iterator[tuple[slice, slice, _NativeGeometry]]:
+        """(images, their column rows, their geometry) per chunk of the batch."""
+        c, _, _, out_h, out_w, *_, offset_groups, threads = self.sizes
+        n, step = len(self.frame), self.chunk_images()
+        for start in range(0, n, step):
+            images = slice(start, min(n, start + step))
+            count = images.stop - images.start
+            blocks = min(-(-threads // (count * offset_groups)), max(1, c // offset_groups // 8))
+            rows = slice(start * out_h * out_w, images.stop * out_h * out_w)
+            yield images, rows, _NativeGeometry(count, *self.sizes, blocks)
+
+    def buffers(self, count: int) -> torch.Tensor:
+        """`count` buffers, each room for one chunk's column matrix."""
+        groups, _, width = self.matrices.shape
+        rows = self.chunk_images() * self.sizes[3] * self.sizes[4]
+        return self.frame.new_empty(count, groups * rows * width)
+
+    def columns(self, buffer: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The (groups, rows, K·C_in/groups) column matrix of `rows` in `buffer`, contiguous."""
+        groups, _, width = self.matrices.shape
+        return buffer[: groups * (rows.stop - rows.start) * width].view(groups, -1, width)
+
+
+def _operands(
     frame: torch.Tensor,
     offset: torch.Tensor,
     mask: torch.Tensor | None,
     weight: torch.Tensor,
     geometry: _Geometry,
-) -> torch.Tensor:
-    """`y`, the plain convolution of `frame` (detached), plus the deformation's correction, in place."""
-    z = _correction(frame, offset, mask, weight, geometry, (y.shape[-2], y.shape[-1]))
-    return y.add_(z.to(y.dtype))
+    out_size: tuple[int, int],
+) -> _Operands:
+    dtype = _compute_dtype(frame, offset, weight)
+    _, c, h, w = frame.shape
+    (kh, kw), (sh, sw), (top, left), (dh, dw), groups = geometry
+    c_out = weight.shape[0]
+    matrices = weight.to(dtype).reshape(groups, c_out // groups, c // groups, kh * kw).transpose(2, 3)
+    offset_groups = offset.shape[1] // (2 * kh * kw)
+    sizes = (c, h, w, *out_size, kh, kw, sh, sw, top, left, dh, dw, groups, offset_groups)
+    return _Operands(
+        *(_channels_last(t, dtype) for t in (frame, offset, mask)),
+        matrices.reshape(groups, c_out // groups, -1),
+        (*sizes, torch.get_num_threads()),
+    )
+
+
+def _channels_last(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(N, C, H, W) -> (N, H, W, C) contiguous, in `dtype`: a view of a channels-last tensor."""
+    return tensor.to(dtype).permute(0, 2, 3, 1).contiguous() if tensor is not None else None
+
+
+def _pointer(tensor: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr() if tensor is not None else None)
+
+
+def _kernel(name: str, dtype: torch.dtype, geometry: _NativeGeometry, *tensors: torch.Tensor | None) -> None:
+    """deform_cpu.cpp's `name` for `dtype`, on `tensors` (contiguous, that dtype) and the geometry."""
+    library = _library()
+    assert not isinstance(library, str)  # _library_for chose the fast path
+    kernel = getattr(library, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+    kernel(ctypes.byref(geometry), *map(_pointer, tensors))
+
+
+def _images(tensors: Iterable[torch.Tensor | None], images: slice) -> list[torch.Tensor | None]:
+    return [t[images] if t is not None else None for t in tensors]
+
+
+class _Deform(torch.autograd.Function):
+    """`_eager`'s function, the correction's columns built and differentiated in C++ (module docstring).
+
+    Saves only its inputs; backward recomputes the samples. Where backward is itself differentiated
+    (create_graph=True, so grad mode is on inside backward) it differentiates `_eager` instead, whose
+    graph autograd can differentiate again."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        conv: Conv,
+        frame: torch.Tensor,
+        offset: torch.Tensor,
+        mask: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        geometry: _Geometry,
+    ) -> torch.Tensor:
+        y = conv(frame, weight, bias)
+        ctx.save_for_backward(frame, offset, mask, weight, bias)
+        ctx.conv, ctx.geometry = conv, geometry
+        n, c_out, ho, wo = y.shape
+        with torch.autocast(frame.device.type, enabled=False):
+            o = _operands(frame, offset, mask, weight, geometry, (ho, wo))
+            groups, per_group, _ = o.matrices.shape
+            z = o.frame.new_empty(groups, n * ho * wo, per_group)
+            buffer = o.buffers(1)[0]
+            for images, rows, chunk in o.chunks():
+                columns = o.columns(buffer, rows)
+                _kernel("deform_columns", columns.dtype, chunk, *_images(o[:3], images), columns)
+                torch.bmm(columns, o.matrices.transpose(1, 2), out=z[:, rows])
+            z = z.view(groups, n, ho, wo, per_group).permute(1, 0, 4, 2, 3).reshape(n, c_out, ho, wo)
+        return y.add_(z.to(y.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        inputs, wanted = ctx.saved_tensors, ctx.needs_input_grad[1:6]
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                y = _eager(ctx.conv, *inputs, ctx.geometry)
+                used = [t for t, want in zip(inputs, wanted, strict=True) if want]
+                grads = iter(torch.autograd.grad(y, used, dy, create_graph=True))
+            return None, *(next(grads) if want else None for want in wanted), None
+        frame, offset, mask, weight, bias = inputs
+        n, c_out, ho, wo = dy.shape
+        with torch.autocast(frame.device.type, enabled=False):
+            o = _operands(frame, offset, mask, weight, ctx.geometry, (ho, wo))
+            groups, per_group, _ = o.matrices.shape
+            dz = (
+                dy.to(o.frame.dtype)
+                .permute(0, 2, 3, 1)
+                .reshape(n * ho * wo, groups, per_group)
+                .transpose(0, 1)
+            )
+            dframe, doffset = torch.zeros_like(o.frame), torch.zeros_like(o.offset)
+            dmask = torch.zeros_like(o.mask) if o.mask is not None else None
+            dmatrices = torch.zeros_like(o.matrices)
+            buffers = o.buffers(2)
+            for images, rows, chunk in o.chunks():
+                dcolumns = torch.bmm(dz[:, rows], o.matrices, out=o.columns(buffers[0], rows))
+                samples = o.columns(buffers[1], rows)
+                inputs, outputs = _images(o[:3], images), _images((dframe, doffset, dmask), images)
+                _kernel("deform_columns_backward", samples.dtype, chunk, *inputs, dcolumns, samples, *outputs)
+                dmatrices.baddbmm_(dz[:, rows].transpose(1, 2), samples)
+            kh, kw = ctx.geometry.kernel_size
+            grads = (
+                dframe.permute(0, 3, 1, 2).to(frame.dtype),
+                doffset.permute(0, 3, 1, 2).to(offset.dtype),
+                dmask.permute(0, 3, 1, 2).to(mask.dtype) if mask is not None else None,
+                dmatrices.reshape(c_out, kh * kw, -1).transpose(1, 2).reshape(weight.shape).to(weight.dtype),
+                dy.sum((0, 2, 3), dtype=o.frame.dtype).to(bias.dtype) if bias is not None else None,
+            )
+        return None, *(g if want else None for g, want in zip(grads, wanted, strict=True)), None
 
 
 # ---- the functional forms ----
@@ -300,8 +530,11 @@ def deform_conv2d(
     geometry, padding, out = _functional_geometry(input, offset, mask, weight, stride, padding, dilation)
     if form == "unfold":
         return _deform_unfold(input, offset, weight, bias, mask, geometry, out)
-    y = F.conv2d(input.detach(), weight, bias, geometry.stride, padding, geometry.dilation, geometry.groups)
-    return _add_correction(y, input, offset, mask, weight, geometry)
+
+    def conv(frame: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(frame, weight, bias, geometry.stride, padding, geometry.dilation, geometry.groups)
+
+    return _deform(conv, input, offset, mask, weight, bias, geometry)
 
 
 def _deform_unfold(
@@ -456,17 +689,20 @@ class DeformConv2d(nn.Conv2d):
     def _geometry(self, pad_before: tuple[int, int]) -> _Geometry:
         return _Geometry(self.kernel_size, self.stride, pad_before, self.dilation, self.groups)
 
+    def _conv_unpadded(
+        self, frame: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return F.conv2d(frame, weight, bias, self.stride, 0, self.dilation, self.groups)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset, mask = self.offsets_and_mask(x)
         left, _, top, _ = self._reversed_padding_repeated_twice
         if self.padding_mode == "zeros":
-            frame, pad_before = x, (top, left)
-            y = self._conv_forward(x.detach(), self.weight, self.bias)
+            frame, pad_before, conv = x, (top, left), self._conv_forward
         else:  # what nn.Conv2d does: pad in the mode, then convolve unpadded; the taps sample that frame
             frame = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            pad_before = (0, 0)
-            y = F.conv2d(frame.detach(), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        y = _add_correction(y, frame, offset, mask, self.weight, self._geometry(pad_before))
+            pad_before, conv = (0, 0), self._conv_unpadded
+        y = _deform(conv, frame, offset, mask, self.weight, self.bias, self._geometry(pad_before))
         return y.contiguous(memory_format=_memory_format(x))  # circular padding loses channels last
 
     def extra_repr(self) -> str:

@@ -1,0 +1,246 @@
+// Deformable convolution's sampling on the CPU: the bilinear im2col of the modulated samples, and its
+// adjoint. posconv/layers/deform.py says what the columns are for (its module docstring: "Fast path");
+// the matrix products around them are PyTorch's. Plain C++ and OpenMP without torch headers, so that
+// it builds in about a second; the caller passes contiguous buffers of one dtype and the geometry.
+//
+// The channel loops are vectorised: `ivdep` says the rows they read and write do not overlap, and
+// deform.py builds with -fassociative-math so that the offsets' and masks' gradients, sums over the
+// channels, are summed in vector lanes (measured: 1.5x the backward at 16 channels against OpenMP's
+// simd reduction). No sum here needs an order: at rest every column is m·s - x with m = 1 and s = x
+// (the other corners weigh an exact 0), zero in any order.
+//
+// Layouts, all channels last (a pixel's numbers together): the frame is (N, H, W, C), offset
+// (N, H_out, W_out, 2·G·K) and mask (N, H_out, W_out, G·K), channels ordered as torchvision's (per
+// offset group, per tap, (Δy, Δx)), G offset groups, K = kH·kW taps; a column matrix is
+// (groups, N·H_out·W_out, K, C/groups): per convolution group, one row per output pixel, in a row the
+// taps, per tap the group's channels, so that each group's block is one operand of a matrix product.
+// The caller passes a chunk of the batch: pointers to its first image, n its number of images.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+struct Geometry {  // deform.py's _NativeGeometry: same fields, same order
+  int64_t n, c, h, w, out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, top, left, dilation_h,
+      dilation_w, groups, offset_groups, threads, blocks;  // blocks: columns_backward's, below
+};
+
+// Where one tap of one output pixel reads: the four corners around the place, (y0, x0), (y0, x0+1),
+// (y0+1, x0), (y0+1, x0+1), with their bilinear weights. A corner outside the frame reads the zero
+// row and has no place (-1) to send a gradient to.
+template <typename T>
+struct Sample {
+  const T* row[4];
+  int64_t place[4];
+  T weight[4];
+  T fy, fx;  // the place's fractional parts, for the offsets' gradient
+  T mask;
+};
+
+// Tap (i, j) of offset group og, output pixel (oy, ox) of image n.
+template <typename T>
+inline __attribute__((always_inline)) Sample<T> sample(const Geometry& g, const T* frame, const T* offset, const T* mask, const T* zeros,
+                 int64_t n, int64_t oy, int64_t ox, int64_t og, int64_t i, int64_t j) {
+  const int64_t tap = (((n * g.out_h + oy) * g.out_w + ox) * g.offset_groups + og) * g.kernel_h * g.kernel_w +
+                      i * g.kernel_w + j;
+  // integer part first, then the offset: one rounding, and exactly the integer place at offset 0
+  const T y = T(oy * g.stride_h - g.top + i * g.dilation_h) + offset[2 * tap];
+  const T x = T(ox * g.stride_w - g.left + j * g.dilation_w) + offset[2 * tap + 1];
+  const T y0 = std::floor(y), x0 = std::floor(x);
+  Sample<T> s;
+  s.fy = y - y0;
+  s.fx = x - x0;
+  s.weight[0] = (1 - s.fy) * (1 - s.fx);
+  s.weight[1] = (1 - s.fy) * s.fx;
+  s.weight[2] = s.fy * (1 - s.fx);
+  s.weight[3] = s.fy * s.fx;
+  s.mask = mask ? mask[tap] : T(1);
+  // compared as floating point first: a place far outside (or NaN) never becomes an integer
+  const bool near = y0 >= -1 && y0 < g.h && x0 >= -1 && x0 < g.w;
+  for (int corner = 0; corner < 4; ++corner) {
+    const int64_t yy = near ? int64_t(y0) + corner / 2 : -1, xx = near ? int64_t(x0) + corner % 2 : -1;
+    const bool inside = yy >= 0 && yy < g.h && xx >= 0 && xx < g.w;
+    s.place[corner] = inside ? ((n * g.h + yy) * g.w + xx) * g.c : -1;
+    s.row[corner] = inside ? frame + s.place[corner] : zeros;
+  }
+  return s;
+}
+
+// The plain convolution's sample of tap (i, j): the frame at the integer place, the zero row outside.
+template <typename T>
+const T* plain_row(const Geometry& g, const T* frame, const T* zeros, int64_t n, int64_t oy, int64_t ox,
+                   int64_t i, int64_t j) {
+  const int64_t y = oy * g.stride_h - g.top + i * g.dilation_h;
+  const int64_t x = ox * g.stride_w - g.left + j * g.dilation_w;
+  return y >= 0 && y < g.h && x >= 0 && x < g.w ? frame + ((n * g.h + y) * g.w + x) * g.c : zeros;
+}
+
+// Channels [channel, channel + count) lie in one convolution group; `column` is their place in the
+// column matrix for row 0, tap 0 (row r, tap k: + (r·K + k)·C/groups).
+struct Run {
+  int64_t column, channel, count;
+};
+
+// The runs that channels [lo, hi) split into at convolution group boundaries.
+std::vector<Run> runs(const Geometry& g, int64_t lo, int64_t hi) {
+  const int64_t per_group = g.c / g.groups, rows = g.n * g.out_h * g.out_w;
+  std::vector<Run> out;
+  for (int64_t c = lo, end; c < hi; c = end) {
+    const int64_t group = c / per_group;
+    end = std::min(hi, (group + 1) * per_group);
+    out.push_back({group * rows * g.kernel_h * g.kernel_w * per_group + c - group * per_group, c, end - c});
+  }
+  return out;
+}
+
+// columns = mask·sample - plain sample, every tap of every output pixel (the correction's columns).
+template <typename T>
+void columns(const Geometry& g, const T* frame, const T* offset, const T* mask, T* out) {
+  const int64_t taps = g.kernel_h * g.kernel_w, per_group = g.c / g.groups;
+  const int64_t per_offset_group = g.c / g.offset_groups;
+  const std::vector<T> zero_row(g.c, T(0));
+  const T* zeros = zero_row.data();
+  std::vector<std::vector<Run>> group_runs;
+  for (int64_t og = 0; og < g.offset_groups; ++og) {
+    group_runs.push_back(runs(g, og * per_offset_group, (og + 1) * per_offset_group));
+  }
+#pragma omp parallel for collapse(2) num_threads(g.threads) schedule(static)
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t oy = 0; oy < g.out_h; ++oy) {
+      for (int64_t ox = 0; ox < g.out_w; ++ox) {
+        const int64_t row = (n * g.out_h + oy) * g.out_w + ox;
+        for (int64_t og = 0; og < g.offset_groups; ++og) {
+          for (int64_t i = 0, k = 0; i < g.kernel_h; ++i) {
+            for (int64_t j = 0; j < g.kernel_w; ++j, ++k) {
+              const Sample<T> s = sample(g, frame, offset, mask, zeros, n, oy, ox, og, i, j);
+              const T* plain = plain_row(g, frame, zeros, n, oy, ox, i, j);
+              const T a0 = s.mask * s.weight[0], a1 = s.mask * s.weight[1];
+              const T a2 = s.mask * s.weight[2], a3 = s.mask * s.weight[3];
+              for (const Run& run : group_runs[og]) {
+                const int64_t c0 = run.channel;
+                const T *r0 = s.row[0] + c0, *r1 = s.row[1] + c0, *r2 = s.row[2] + c0, *r3 = s.row[3] + c0;
+                const T* x = plain + c0;
+                T* o = out + run.column + (row * taps + k) * per_group;
+#pragma GCC ivdep
+                for (int64_t c = 0; c < run.count; ++c) {
+                  o[c] = a0 * r0[c] + a1 * r1[c] + a2 * r2[c] + a3 * r3[c] - x[c];
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The adjoint, given dcolumns (the output's gradient through the weight): the frame's gradient
+// (scattered to the corners), the offsets' and masks' gradients, and mask·sample's columns (for the
+// weight's gradient). Work is split over images, offset groups and g.blocks channel blocks per group
+// (blocks > 1 when there are fewer images·groups than threads): each task scatters into its own
+// channels of its own image, and adds its partial offset and mask gradients atomically.
+template <typename T>
+void columns_backward(const Geometry& g, const T* frame, const T* offset, const T* mask, const T* dcolumns,
+                      T* samples, T* dframe, T* doffset, T* dmask) {
+  const int64_t pixels = g.out_h * g.out_w, taps = g.kernel_h * g.kernel_w, per_group = g.c / g.groups;
+  const int64_t per_offset_group = g.c / g.offset_groups, blocks = g.blocks;
+  const std::vector<T> zero_row(g.c, T(0));
+  const T* zeros = zero_row.data();
+  std::vector<std::vector<Run>> block_runs;
+  for (int64_t og = 0; og < g.offset_groups; ++og) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t start = og * per_offset_group;
+      block_runs.push_back(runs(g, start + b * per_offset_group / blocks, start + (b + 1) * per_offset_group / blocks));
+    }
+  }
+#pragma omp parallel num_threads(g.threads)
+  {
+    std::vector<T> sink(g.c);  // where the gradient of a corner outside the frame goes
+#pragma omp for collapse(3) schedule(static)
+    for (int64_t n = 0; n < g.n; ++n) {
+      for (int64_t og = 0; og < g.offset_groups; ++og) {
+        for (int64_t b = 0; b < blocks; ++b) {
+          for (int64_t oy = 0, p = 0; oy < g.out_h; ++oy) {
+            for (int64_t ox = 0; ox < g.out_w; ++ox, ++p) {
+              for (int64_t i = 0, k = 0; i < g.kernel_h; ++i) {
+                for (int64_t j = 0; j < g.kernel_w; ++j, ++k) {
+                  const Sample<T> s = sample(g, frame, offset, mask, zeros, n, oy, ox, og, i, j);
+                  T* d[4];
+                  for (int corner = 0; corner < 4; ++corner) {
+                    d[corner] = s.place[corner] >= 0 ? dframe + s.place[corner] : sink.data();
+                  }
+                  const T w0 = s.weight[0], w1 = s.weight[1], w2 = s.weight[2], w3 = s.weight[3];
+                  const T m = s.mask, fy = s.fy, fx = s.fx;
+                  T dy = 0, dx = 0, dm = 0;
+                  for (const Run& run : block_runs[og * blocks + b]) {
+                    const int64_t c0 = run.channel, column = run.column + ((n * pixels + p) * taps + k) * per_group;
+                    const T *r0 = s.row[0] + c0, *r1 = s.row[1] + c0, *r2 = s.row[2] + c0, *r3 = s.row[3] + c0;
+                    T *d0 = d[0] + c0, *d1 = d[1] + c0, *d2 = d[2] + c0, *d3 = d[3] + c0;
+                    const T* gc = dcolumns + column;
+                    T* ms = samples + column;
+#pragma GCC ivdep
+                    for (int64_t c = 0; c < run.count; ++c) {
+                      const T v0 = r0[c], v1 = r1[c], v2 = r2[c], v3 = r3[c];
+                      const T sampled = w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3;
+                      const T gm = gc[c] * m;
+                      ms[c] = m * sampled;
+                      dm += gc[c] * sampled;
+                      dy += gm * ((1 - fx) * (v2 - v0) + fx * (v3 - v1));
+                      dx += gm * ((1 - fy) * (v1 - v0) + fy * (v3 - v2));
+                      d0[c] += w0 * gm;
+                      d1[c] += w1 * gm;
+                      d2[c] += w2 * gm;
+                      d3[c] += w3 * gm;
+                    }
+                  }
+                  const int64_t tap = ((n * pixels + p) * g.offset_groups + og) * taps + k;
+                  T* to[3] = {doffset + 2 * tap, doffset + 2 * tap + 1, dmask ? dmask + tap : nullptr};
+                  const T value[3] = {dy, dx, dm};
+                  for (int v = 0; v < 3; ++v) {
+                    if (!to[v]) continue;
+                    if (blocks == 1) {
+                      *to[v] = value[v];
+                    } else {
+#pragma omp atomic
+                      *to[v] += value[v];
+                    }
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+void deform_columns_f32(const Geometry* g, const float* frame, const float* offset, const float* mask,
+                        float* out) {
+  columns(*g, frame, offset, mask, out);
+}
+
+void deform_columns_f64(const Geometry* g, const double* frame, const double* offset, const double* mask,
+                        double* out) {
+  columns(*g, frame, offset, mask, out);
+}
+
+void deform_columns_backward_f32(const Geometry* g, const float* frame, const float* offset,
+                                 const float* mask, const float* dcolumns, float* samples, float* dframe,
+                                 float* doffset, float* dmask) {
+  columns_backward(*g, frame, offset, mask, dcolumns, samples, dframe, doffset, dmask);
+}
+
+void deform_columns_backward_f64(const Geometry* g, const double* frame, const double* offset,
+                                 const double* mask, const double* dcolumns, double* samples, double* dframe,
+                                 double* doffset, double* dmask) {
+  columns_backward(*g, frame, offset, mask, dcolumns, samples, dframe, doffset, dmask);
+}
+
+}  // extern "C"
