@@ -273,8 +273,8 @@ def _deform(
     geometry: _Geometry,
 ) -> torch.Tensor:
     """conv(frame, weight, bias) plus the deformation's correction, on the fast path where it runs
-    (`_library_for`), else eagerly. `conv` is the layer's plain convolution of the frame."""
-    if _library_for(frame) is not None:
+    (`_fast_path`), else eagerly. `conv` is the layer's plain convolution of the frame."""
+    if _fast_path(frame):
         return _Deform.apply(conv, frame, offset, mask, weight, bias, geometry)
     return _eager(conv, frame, offset, mask, weight, bias, geometry)
 
@@ -295,18 +295,18 @@ def _library() -> ctypes.CDLL | str:
         return str(error)
 
 
-def _library_for(frame: torch.Tensor) -> ctypes.CDLL | None:
-    """The library where the fast path runs: a CPU tensor, outside torch.compile (which compiles the
-    eager form), acceleration on and the library built; None where the eager path runs, after
-    `fall_back`'s one warning if acceleration is off or the library could not be built."""
+def _fast_path(frame: torch.Tensor) -> bool:
+    """Whether the fast path runs: a CPU tensor, outside torch.compile (which compiles the eager form),
+    acceleration on and the library built. Where acceleration is off or the library could not be
+    built, `fall_back` gives its one warning line; the choice is recorded either way."""
     if frame.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
+        return False
     library = _library() if acceleration.enabled() else f"{acceleration.SWITCH}=0"
     if isinstance(library, str):
         acceleration.fall_back(_OP, library)
-        return None
+        return False
     acceleration.record(_OP, "cpp")
-    return library
+    return True
 
 
 class _NativeGeometry(ctypes.Structure):
@@ -321,9 +321,10 @@ class _NativeGeometry(ctypes.Structure):
     ]  # fmt: skip
 
 
-# A column buffer up to this size is reused from the heap between chunks and calls; a larger one is
-# mapped afresh and page-faulted on every use (measured: allocating and filling 75 MB costs ~10x
-# refilling it, as much as one of the matrix products), and a chunk's columns stay in the L3 cache.
+# Columns are built a chunk of whole images at a time, in a buffer of at most this size: under glibc's
+# 32 MB mmap threshold it is reused from the heap, where a larger one is mapped afresh and
+# page-faulted on every call (measured: allocating and filling 75 MB costs ~10x refilling it, as much
+# as one of the matrix products); and a chunk's columns stay in the L3 cache for their product.
 _CHUNK_BYTES = 24 * 2**20
 
 
@@ -355,11 +356,10 @@ class _Operands(NamedTuple):
             rows = slice(start * out_h * out_w, images.stop * out_h * out_w)
             yield images, rows, _NativeGeometry(count, *self.sizes, blocks)
 
-    def buffers(self, count: int) -> torch.Tensor:
-        """`count` buffers, each room for one chunk's column matrix."""
+    def buffer(self) -> torch.Tensor:
+        """Room for one chunk's column matrix."""
         groups, _, width = self.matrices.shape
-        rows = self.chunk_images() * self.sizes[3] * self.sizes[4]
-        return self.frame.new_empty(count, groups * rows * width)
+        return self.frame.new_empty(groups * self.chunk_images() * self.sizes[3] * self.sizes[4] * width)
 
     def columns(self, buffer: torch.Tensor, rows: slice) -> torch.Tensor:
         """The (groups, rows, K·C_in/groups) column matrix of `rows` in `buffer`, contiguous."""
@@ -401,7 +401,7 @@ def _pointer(tensor: torch.Tensor | None) -> ctypes.c_void_p:
 def _kernel(name: str, dtype: torch.dtype, geometry: _NativeGeometry, *tensors: torch.Tensor | None) -> None:
     """deform_cpu.cpp's `name` for `dtype`, on `tensors` (contiguous, that dtype) and the geometry."""
     library = _library()
-    assert not isinstance(library, str)  # _library_for chose the fast path
+    assert not isinstance(library, str)  # _fast_path chose the fast path
     kernel = getattr(library, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
     kernel(ctypes.byref(geometry), *map(_pointer, tensors))
 
@@ -436,7 +436,7 @@ class _Deform(torch.autograd.Function):
             o = _operands(frame, offset, mask, weight, geometry, (ho, wo))
             groups, per_group, _ = o.matrices.shape
             z = o.frame.new_empty(groups, n * ho * wo, per_group)
-            buffer = o.buffers(1)[0]
+            buffer = o.buffer()
             for images, rows, chunk in o.chunks():
                 columns = o.columns(buffer, rows)
                 _kernel("deform_columns", columns.dtype, chunk, *_images(o[:3], images), columns)
@@ -467,12 +467,14 @@ class _Deform(torch.autograd.Function):
             dframe, doffset = torch.zeros_like(o.frame), torch.zeros_like(o.offset)
             dmask = torch.zeros_like(o.mask) if o.mask is not None else None
             dmatrices = torch.zeros_like(o.matrices)
-            buffers = o.buffers(2)
+            buffers = o.buffer(), o.buffer()  # apart: each under glibc's 32 MB mmap threshold
             for images, rows, chunk in o.chunks():
                 dcolumns = torch.bmm(dz[:, rows], o.matrices, out=o.columns(buffers[0], rows))
                 samples = o.columns(buffers[1], rows)
-                inputs, outputs = _images(o[:3], images), _images((dframe, doffset, dmask), images)
-                _kernel("deform_columns_backward", samples.dtype, chunk, *inputs, dcolumns, samples, *outputs)
+                operands, outputs = _images(o[:3], images), _images((dframe, doffset, dmask), images)
+                _kernel(
+                    "deform_columns_backward", samples.dtype, chunk, *operands, dcolumns, samples, *outputs
+                )
                 dmatrices.baddbmm_(dz[:, rows].transpose(1, 2), samples)
             kh, kw = ctx.geometry.kernel_size
             grads = (
