@@ -23,34 +23,69 @@ In the two places where the plain samples appear (conv(x) and x_k) x is detached
 unchanged and the gradient is the deformable convolution's own, the plain convolution's input
 gradient (which the two terms would cancel) being neither computed nor cancelled.
 
-**Sampling.** `grid_sample` per tap (bilinear, zeros outside, align_corners=False), on the input padded
-with zeros at the bottom and right to a power-of-two height and width: there the normalised coordinate
-of an integer place, (2p+1)/2^k - 1, and grid_sample's way back to p are exact in binary floating
-point, so integer places are read exactly, which the exactness above needs (against the input's own
-size the round trip is off by an ulp for most sizes, and a sample at p - ε mixes in a neighbour). The
-padding is a copy of the input, up to ~4x its area (65 -> 128), none for power-of-two sizes. Each tap's
-samples, modulated, minus its plain samples, go through the tap's (C_out, C_in/groups) slice of the
-weight (one batched matrix product) and are accumulated: no (N, C·kH·kW, H_out·W_out) column matrix
-is formed.
+**Two paths.** The form runs on one of two implementations, the same numbers to rounding:
 
-**Autograd, measured.** Plain autograd (second derivatives work). Per tap it keeps the samples (for the
-masks' gradient) and the residual (for the weight's): in training about what the column form
+*The C++ path* (`_Deform`), wherever it can (`_fast_path`). A C++ operator (`deform_cpu.cpp`; built at
+first use by `posconv.layers.native` with the machine's compiler, no torch headers: ~2 s once, ~5 ms to
+load in every later process) writes the correction's columns m_k·s_k - x_k, a bilinear im2col in
+channels-last order (a row per output pixel; in it per convolution group the taps, per tap the
+channels), and one PyTorch matrix product per group with the weight gives the correction. Backward:
+the columns' gradient dy·W (a product); the C++ adjoint, which scatters the input's gradient to the
+four corners, sums the offsets' and masks' gradients over the channels, and writes the m·s columns;
+and the weight's gradient dyᵀ·(m·s) (a product): W's gradient of conv(x; W) + W·(m·s - x) is that of
+W·(m·s), so the plain convolution's weight gradient is neither computed nor cancelled either. Nothing
+but the inputs is kept for backward (the samples are recomputed). The batch goes through in chunks of
+whole images whose columns fit `_CHUNK_BYTES`; OpenMP runs the forward over output rows, the backward
+over images and offset groups (and channel blocks where those are fewer than the threads), each task
+scattering into its own image's channels. Why: the eager path's per-tap gathers and grid_sample's
+backward scatter cost ~11x nn.Conv2d; the matrix products here run at the machine's matrix rate, and
+the sampling reads each corner once per channel vector. Measured forward+backward against nn.Conv2d
+(batch 8, 3x3, padding 1, float32, 2 threads, offsets drawn away from zero, on a shared 2-core machine,
+so ±20%): at 64->64 channels and 64x64, the layer 3.3x (channels last; 3.4x NCHW) and the op alone
+2.7x (2.9x), against the eager path's 11-13x; at the model's 16 and 32 channels 5-7x (the layer; its
+offset convolution, 27 output channels, alone costs 0.5-1.7 nn.Conv2d there), where the sampling,
+per pixel and tap, is shared by few channels.
+
+*The eager path* (`_eager`: per tap `grid_sample`, plain autograd) runs off the CPU; inside
+torch.compile, which compiles it (measured: Inductor's code for it is no faster than eager, 10x
+nn.Conv2d above, after a 2-minute compile); and, after one warning line (`acceleration.fall_back`),
+with POSCONV_ACCELERATE=0 or where the library cannot be built or loaded (no compiler, a failed build,
+a compiler hung past `native.BUILD_TIMEOUT_S`). `acceleration.backends()["deform"]` says which ran
+("cpp" or "eager"). Second derivatives: the C++ path's backward, when it is itself differentiated
+(create_graph=True: grad mode is on inside backward), differentiates the eager form from the saved
+inputs instead, so gradient penalties work without an option, at the eager path's cost.
+
+Both paths take every geometry: groups, offset groups, stride, dilation, rectangular kernels, every
+padding (the layer pads its frame first), float32 and float64, bfloat16 autocast, either memory format.
+
+**Sampling on the eager path.** `grid_sample` per tap (bilinear, zeros outside, align_corners=False), on
+the input padded with zeros at the bottom and right to a power-of-two height and width: there the
+normalised coordinate of an integer place, (2p+1)/2^k - 1, and grid_sample's way back to p are exact
+in binary floating point, so integer places are read exactly, which the exactness above needs (against
+the input's own size the round trip is off by an ulp for most sizes, and a sample at p - ε mixes in a
+neighbour). The padding is a copy of the input, up to ~4x its area (65 -> 128), none for power-of-two
+sizes. Each tap's samples, modulated, minus its plain samples, go through the tap's (C_out,
+C_in/groups) slice of the weight (one batched matrix product) and are accumulated. The C++ path needs
+no such frame: it computes a place in pixels, integer part plus offset, one rounding.
+
+**Autograd on the eager path, measured.** Plain autograd. Per tap it keeps the samples (for the masks'
+gradient) and the residual (for the weight's): in training about what the column form
 (`deform_conv2d(..., form="unfold")`, kept for the tests and the benchmark) keeps, in inference far
 less; in time the two are level (`python -m posconv.tools.bench families`). Custom autograd.Functions
-that keep nothing per tap and recompute it in backward were measured and not kept: 1.4-1.8x slower than
-this form (corner gathers with scatter_add; sparse sampling matrices), and autograd through the corner
-gathers 2x.
+in PyTorch that keep nothing per tap and recompute it in backward were measured and not kept: 1.4-1.8x
+slower than this form (corner gathers with scatter_add; sparse sampling matrices), and autograd
+through the corner gathers 2x.
 
 **Precision.** Places are computed in float32 (float64 for float64 inputs), never in a low-precision
-type: integer part plus offset, then normalised. Under bfloat16 autocast the plain convolution is
-autocast's bfloat16 one; offsets, masks, sampling and the correction run in float32, the correction
-added rounded once to bfloat16. A place is resolved to about 2^-24 of the frame's size (4e-6 px at
-64 px) in float32.
+type: integer part plus offset (then normalised, on the eager path). Under bfloat16 autocast the plain
+convolution is autocast's bfloat16 one; offsets, masks, sampling and the correction run in float32, the
+correction added rounded once to bfloat16. A place is resolved to about 2^-24 of the frame's size (4e-6
+px at 64 px) in float32.
 
 **Non-differentiable places.** Bilinear interpolation has kinks where a place crosses an integer row or
 column (and where a corner enters or leaves the input): there the gradient w.r.t. the offsets is the
-one-sided one of `grid_sample` (the cell below/right). Zero offsets sit exactly on kinks: the first
-step's offset gradient is that one-sided one.
+one-sided one of `grid_sample` (the cell below/right), on both paths. Zero offsets sit exactly on
+kinks: the first step's offset gradient is that one-sided one.
 """
 
 from __future__ import annotations
