@@ -35,7 +35,7 @@ PATHS = ["cpp", "eager"]  # the fast form's two implementations (module docstrin
 
 
 def _require_the_library() -> None:
-    """Skip where no compiler exists (the fast path cannot run there); fail where it exists and the
+    """Skip where no compiler exists (the C++ path cannot run there); fail where one exists and the
     library does not build, which is a bug."""
     library = deform_module._library()
     if isinstance(library, str):
@@ -739,17 +739,17 @@ def test_an_unknown_form_is_refused() -> None:
         deform_conv2d(**operands, form="loops")  # type: ignore[arg-type]
 
 
-# ---- the fast path: what runs, the build, the fall back ----
+# ---- the C++ path: what runs, the build, the fall back ----
 
 
-def test_the_fast_path_is_recorded_and_switching_it_off_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cpp_path_is_recorded_and_switching_it_off_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
     _require_the_library()
     layer = _randomised(_layer(dict(kernel_size=3, padding=1)), offset_scale=0.5)
     x = _input(6, 5)
     fast = layer(x)
     assert acceleration.backends()["deform"] == "cpp"
     monkeypatch.setenv(acceleration.SWITCH, "0")
-    acceleration.record("deform", "cpp")  # as if the fast path had run last, whatever ran before
+    acceleration.record("deform", "cpp")  # as if the C++ path had run last, whatever ran before
     with pytest.warns(
         UserWarning, match="posconv: deform: POSCONV_ACCELERATE=0; running its eager"
     ) as caught:
@@ -769,8 +769,8 @@ def _fake_compiler(folder: Path, body: str) -> Path:
 
 @pytest.fixture
 def fresh_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """An empty library cache, and the library forgotten: the next fast-path call builds (or fails) anew,
-    and the tests after this one load the real library again."""
+    """An empty library cache, and the library forgotten: the next call builds it (or fails to) anew, and
+    the tests after this one load the real library again."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     deform_module._library.cache_clear()
     yield tmp_path / "cache" / "posconv"
@@ -845,41 +845,34 @@ def test_concurrent_first_builds_share_one_library(tmp_path: Path) -> None:
     assert [path.suffix for path in (tmp_path / "posconv").iterdir()] == [".so"]
 
 
-def test_chunks_and_channel_blocks_give_the_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_chunks_and_channel_blocks_give_the_loops(monkeypatch: pytest.MonkeyPatch, two_threads: None) -> None:
     """A batch cut into one-image chunks, each image's channels split between two threads (the backward's
     channel blocks, whose offset and mask gradients add up atomically), across a convolution group
     boundary: the loops' output, and the eager path's gradients."""
     _require_the_library()
     monkeypatch.setattr(deform_module, "_CHUNK_BYTES", 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        operands = _operands(5, 4, 16, 4, dict(padding=1, groups=2), 1, 3, seed=12)
-        geometry = {key: operands[key] for key in ("stride", "padding", "dilation")}
-        o = deform_module._operands(
-            operands["input"],
-            operands["offset"],
-            operands["mask"],
-            operands["weight"],
-            deform_module._Geometry((3, 3), (1, 1), (1, 1), (1, 1), 2),
-            (5, 4),
-        )
-        assert [chunk.n for _, _, chunk in o.chunks()] == [1, 1] and {c.blocks for _, _, c in o.chunks()} == {
-            2
-        }
-        torch.testing.assert_close(deform_conv2d(**operands), _reference(operands), rtol=1e-10, atol=1e-10)
-        names = ["input", "offset", "mask", "weight", "bias"]
-        results = []
-        for switch in ("1", "0"):
-            monkeypatch.setenv(acceleration.SWITCH, switch)
-            leaves = {name: operands[name].clone().requires_grad_() for name in names}
-            y = deform_conv2d(**leaves, **geometry)
-            results.append(
-                torch.autograd.grad(
-                    y, list(leaves.values()), torch.randn(y.shape, generator=_generator(13), dtype=F64)
-                )
-            )
-        for fast, eager in zip(*results, strict=True):
-            torch.testing.assert_close(fast, eager, rtol=1e-10, atol=1e-10)
-    finally:
-        torch.set_num_threads(threads)
+    operands = _operands(5, 4, 16, 4, dict(padding=1, groups=2), 1, 3, seed=12)
+    names = ["input", "offset", "mask", "weight"]
+    geometry = deform_module._Geometry((3, 3), (1, 1), (1, 1), (1, 1), 2)
+    chunks = [
+        chunk for _, _, chunk in deform_module._operands(*map(operands.get, names), geometry, (5, 4)).chunks()
+    ]
+    assert [(chunk.n, chunk.blocks) for chunk in chunks] == [(1, 2), (1, 2)]
+    torch.testing.assert_close(deform_conv2d(**operands), _reference(operands), rtol=1e-10, atol=1e-10)
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(acceleration.SWITCH, switch)
+        leaves = {name: operands[name].clone().requires_grad_() for name in [*names, "bias"]}
+        y = deform_conv2d(**operands | leaves)
+        projection = torch.randn(y.shape, generator=_generator(13), dtype=F64)
+        results.append(torch.autograd.grad(y, list(leaves.values()), projection))
+    for cpp, eager in zip(*results, strict=True):
+        torch.testing.assert_close(cpp, eager, rtol=1e-10, atol=1e-10)

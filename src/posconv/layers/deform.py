@@ -345,7 +345,7 @@ def _fast_path(frame: torch.Tensor) -> bool:
 
 
 class _NativeGeometry(ctypes.Structure):
-    """deform_cpu.cpp's Geometry: n is the images of one chunk."""
+    """deform_cpu.cpp's Geometry, for a chunk of n images."""
 
     _fields_ = [
         (name, ctypes.c_int64)
@@ -364,37 +364,40 @@ _CHUNK_BYTES = 24 * 2**20
 
 
 class _Operands(NamedTuple):
-    """The fast path's operands in the compute dtype and the layouts deform_cpu.cpp reads."""
+    """The C++ path's operands in the compute dtype and the layouts deform_cpu.cpp reads."""
 
     frame: torch.Tensor  # (N, H, W, C)
     offset: torch.Tensor  # (N, H_out, W_out, 2·G·K)
     mask: torch.Tensor | None  # (N, H_out, W_out, G·K)
     matrices: torch.Tensor  # (groups, C_out/groups, K·C_in/groups), columns ordered tap, then channel
-    sizes: tuple[int, ...]  # _NativeGeometry's fields after n
+    geometry: _NativeGeometry  # of the whole batch
 
     def chunk_images(self) -> int:
         """Whole images per chunk of the batch: a multiple of the thread count where that fits in
         _CHUNK_BYTES (the backward gives each thread its own images), else fewer, down to one image
         whose channels the backward splits among the threads."""
-        c, _, _, out_h, out_w, kh, kw, *_, threads = self.sizes
-        images = max(1, _CHUNK_BYTES // (out_h * out_w * kh * kw * c * self.frame.element_size()))
-        return min(len(self.frame), images - images % threads if images >= threads else images)
+        g = self.geometry
+        image = g.out_h * g.out_w * g.kernel_h * g.kernel_w * g.c * self.frame.element_size()
+        images = max(1, _CHUNK_BYTES // image)
+        return min(g.n, images - images % g.threads if images >= g.threads else images)
 
     def chunks(self) -> Iterator[tuple[slice, slice, _NativeGeometry]]:
         """(images, their column rows, their geometry) per chunk of the batch."""
-        c, _, _, out_h, out_w, *_, offset_groups, threads = self.sizes
-        n, step = len(self.frame), self.chunk_images()
-        for start in range(0, n, step):
-            images = slice(start, min(n, start + step))
-            count = images.stop - images.start
-            blocks = min(-(-threads // (count * offset_groups)), max(1, c // offset_groups // 8))
-            rows = slice(start * out_h * out_w, images.stop * out_h * out_w)
-            yield images, rows, _NativeGeometry(count, *self.sizes, blocks)
+        g, step = self.geometry, self.chunk_images()
+        for start in range(0, g.n, step):
+            images = slice(start, min(g.n, start + step))
+            chunk = _NativeGeometry.from_buffer_copy(g)
+            chunk.n = images.stop - images.start
+            # channel blocks of at least 8 channels, enough for every thread to have a task
+            tasks = chunk.n * g.offset_groups
+            chunk.blocks = min(-(-g.threads // tasks), max(1, g.c // g.offset_groups // 8))
+            pixels = g.out_h * g.out_w
+            yield images, slice(images.start * pixels, images.stop * pixels), chunk
 
     def buffer(self) -> torch.Tensor:
         """Room for one chunk's column matrix."""
-        groups, _, width = self.matrices.shape
-        return self.frame.new_empty(groups * self.chunk_images() * self.sizes[3] * self.sizes[4] * width)
+        g = self.geometry
+        return self.frame.new_empty(self.chunk_images() * g.out_h * g.out_w * g.kernel_h * g.kernel_w * g.c)
 
     def columns(self, buffer: torch.Tensor, rows: slice) -> torch.Tensor:
         """The (groups, rows, K·C_in/groups) column matrix of `rows` in `buffer`, contiguous."""
@@ -411,16 +414,16 @@ def _operands(
     out_size: tuple[int, int],
 ) -> _Operands:
     dtype = _compute_dtype(frame, offset, weight)
-    _, c, h, w = frame.shape
+    n, c, h, w = frame.shape
     (kh, kw), (sh, sw), (top, left), (dh, dw), groups = geometry
     c_out = weight.shape[0]
     matrices = weight.to(dtype).reshape(groups, c_out // groups, c // groups, kh * kw).transpose(2, 3)
+    sizes = (n, c, h, w, *out_size, kh, kw, sh, sw, top, left, dh, dw, groups)
     offset_groups = offset.shape[1] // (2 * kh * kw)
-    sizes = (c, h, w, *out_size, kh, kw, sh, sw, top, left, dh, dw, groups, offset_groups)
     return _Operands(
         *(_channels_last(t, dtype) for t in (frame, offset, mask)),
         matrices.reshape(groups, c_out // groups, -1),
-        (*sizes, torch.get_num_threads()),
+        _NativeGeometry(*sizes, offset_groups, torch.get_num_threads(), 1),
     )
 
 
