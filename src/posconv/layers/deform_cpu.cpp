@@ -59,10 +59,14 @@ inline __attribute__((always_inline)) Sample<T> sample(const Geometry& g, const 
   s.mask = mask ? mask[tap] : T(1);
   // compared as floating point first: a place far outside (or NaN) never becomes an integer
   const bool near = y0 >= -1 && y0 < g.h && x0 >= -1 && x0 < g.w;
+  const int64_t top = near ? int64_t(y0) : -2, left = near ? int64_t(x0) : -2;  // in [-1, h-1], [-1, w-1]
+  const bool row[2] = {near && top >= 0, near && top + 1 < g.h};
+  const bool column[2] = {near && left >= 0, near && left + 1 < g.w};
+  const int64_t origin = ((n * g.h + top) * g.w + left) * g.c;
   for (int corner = 0; corner < 4; ++corner) {
-    const int64_t yy = near ? int64_t(y0) + corner / 2 : -1, xx = near ? int64_t(x0) + corner % 2 : -1;
-    const bool inside = yy >= 0 && yy < g.h && xx >= 0 && xx < g.w;
-    s.place[corner] = inside ? ((n * g.h + yy) * g.w + xx) * g.c : -1;
+    const int dy = corner / 2, dx = corner % 2;
+    const bool inside = row[dy] && column[dx];
+    s.place[corner] = inside ? origin + (dy * g.w + dx) * g.c : -1;
     s.row[corner] = inside ? frame + s.place[corner] : zeros;
   }
   return s;
