@@ -40,11 +40,13 @@ over images and offset groups (and channel blocks where those are fewer than the
 scattering into its own image's channels. Why: the eager path's per-tap gathers and grid_sample's
 backward scatter cost ~11x nn.Conv2d; the matrix products here run at the machine's matrix rate, and
 the sampling reads each corner once per channel vector. Measured forward+backward against nn.Conv2d
-(batch 8, 3x3, padding 1, float32, 2 threads, offsets drawn away from zero, on a shared 2-core machine,
-so ±20%): at 64->64 channels and 64x64, the layer 3.3x (channels last; 3.4x NCHW) and the op alone
-2.7x (2.9x), against the eager path's 11-13x; at the model's 16 and 32 channels 5-7x (the layer; its
-offset convolution, 27 output channels, alone costs 0.5-1.7 nn.Conv2d there), where the sampling,
-per pixel and tap, is shared by few channels.
+(batch 8, 3x3, padding 1, float32, 2 threads, offsets drawn away from zero, the contenders interleaved
+in one run on a 2-core machine shared with other jobs, so the ratios moved by ±20% between runs): at
+64->64 channels and 64x64, the layer 3.3-3.6x channels last (3.4-4.2x NCHW), the op alone 2.7-3.1x
+(2.9-3.3x), against the eager path's 11-18x; at the model's 16 and 32 channels the layer 5-7x and the
+op 3-6x: there the sampling, per pixel and tap, is shared by few channels, the matrix products are
+thin (16 or 32 wide), and the offset convolution (27 output channels) alone costs 0.8-1.7 nn.Conv2d.
+The layer keeps 14 MiB for backward at the shape above against the eager path's 165 MiB.
 
 *The eager path* (`_eager`: per tap `grid_sample`, plain autograd) runs off the CPU; inside
 torch.compile, which compiles it (measured: Inductor's code for it is no faster than eager, 10x
