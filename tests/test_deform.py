@@ -846,33 +846,35 @@ def test_concurrent_first_builds_share_one_library(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def two_threads() -> Iterator[None]:
+def four_threads() -> Iterator[None]:
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(4)
     yield
     torch.set_num_threads(threads)
 
 
-def test_chunks_and_channel_blocks_give_the_loops(monkeypatch: pytest.MonkeyPatch, two_threads: None) -> None:
-    """A batch cut into one-image chunks, each image's channels split between two threads (the backward's
-    channel blocks, whose offset and mask gradients add up atomically), across a convolution group
-    boundary: the loops' output, and the eager path's gradients."""
+def test_chunks_and_channel_blocks_give_the_loops(
+    monkeypatch: pytest.MonkeyPatch, four_threads: None
+) -> None:
+    """A batch cut into one-image chunks, each image's channels split in four blocks for four threads (the
+    backward's channel blocks, whose partial offset and mask gradients are added up after), across a
+    convolution group boundary: the loops' output, the eager path's gradients, the same on every run."""
     _require_the_library()
     monkeypatch.setattr(deform_module, "_CHUNK_BYTES", 1)
-    operands = _operands(5, 4, 16, 4, dict(padding=1, groups=2), 1, 3, seed=12)
+    operands = _operands(5, 4, 32, 4, dict(padding=1, groups=2), 1, 3, seed=12)
     names = ["input", "offset", "mask", "weight"]
     geometry = deform_module._Geometry((3, 3), (1, 1), (1, 1), (1, 1), 2)
-    chunks = [
-        chunk for _, _, chunk in deform_module._operands(*map(operands.get, names), geometry, (5, 4)).chunks()
-    ]
-    assert [(chunk.n, chunk.blocks) for chunk in chunks] == [(1, 2), (1, 2)]
+    o = deform_module._operands(*map(operands.get, names), geometry, (5, 4))
+    assert [(chunk.n, chunk.blocks) for _, _, chunk in o.chunks()] == [(1, 4), (1, 4)]
     torch.testing.assert_close(deform_conv2d(**operands), _reference(operands), rtol=1e-10, atol=1e-10)
     results = []
-    for switch in ("1", "0"):
+    for switch in ("1", "1", "0"):
         monkeypatch.setenv(acceleration.SWITCH, switch)
         leaves = {name: operands[name].clone().requires_grad_() for name in [*names, "bias"]}
         y = deform_conv2d(**operands | leaves)
         projection = torch.randn(y.shape, generator=_generator(13), dtype=F64)
         results.append(torch.autograd.grad(y, list(leaves.values()), projection))
-    for cpp, eager in zip(*results, strict=True):
-        torch.testing.assert_close(cpp, eager, rtol=1e-10, atol=1e-10)
+    cpp, again, eager = results
+    assert all(torch.equal(a, b) for a, b in zip(cpp, again, strict=True))
+    for got, expected in zip(cpp, eager, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

@@ -450,6 +450,42 @@ def _images(tensors: Iterable[torch.Tensor | None], images: slice) -> list[torch
     return [t[images] if t is not None else None for t in tensors]
 
 
+def _native_correction(o: _Operands, out_size: tuple[int, int]) -> torch.Tensor:
+    """The correction, (N, C_out, H_out, W_out): a chunk's columns, then their product with the weight."""
+    groups, per_group, _ = o.matrices.shape
+    n, (ho, wo) = o.geometry.n, out_size
+    z = o.frame.new_empty(groups, n * ho * wo, per_group)
+    buffer = o.buffer()
+    for images, rows, chunk in o.chunks():
+        columns = o.columns(buffer, rows)
+        _kernel("deform_columns", columns.dtype, chunk, *_images(o[:3], images), columns)
+        torch.bmm(columns, o.matrices.transpose(1, 2), out=z[:, rows])
+    return z.view(groups, n, ho, wo, per_group).permute(1, 0, 4, 2, 3).reshape(n, groups * per_group, ho, wo)
+
+
+def _native_gradients(o: _Operands, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of the frame, offsets, masks (in deform_cpu.cpp's layouts) and weight matrices."""
+    groups, per_group, _ = o.matrices.shape
+    dz = dy.to(o.frame.dtype).permute(0, 2, 3, 1).reshape(-1, groups, per_group).transpose(0, 1)
+    dframe, doffset = torch.zeros_like(o.frame), torch.empty_like(o.offset)
+    dmask = torch.empty_like(o.mask) if o.mask is not None else None
+    dmatrices = torch.zeros_like(o.matrices)
+    buffers = o.buffer(), o.buffer()  # apart: each under glibc's 32 MB mmap threshold
+    for images, rows, chunk in o.chunks():
+        dcolumns = torch.bmm(dz[:, rows], o.matrices, out=o.columns(buffers[0], rows))
+        samples = o.columns(buffers[1], rows)
+        # the offsets' and masks' gradients, a partial sum per channel block, added up after
+        totals = _images((doffset, dmask), images)
+        partials = [t.new_empty(chunk.blocks, *t.shape) if t is not None else None for t in totals]
+        operands = (*_images(o[:3], images), dcolumns, samples, dframe[images], *partials)
+        _kernel("deform_columns_backward", samples.dtype, chunk, *operands)
+        for partial, total in zip(partials, totals, strict=True):
+            if partial is not None:
+                torch.sum(partial, 0, out=total)
+        dmatrices.baddbmm_(dz[:, rows].transpose(1, 2), samples)
+    return dframe, doffset, dmask, dmatrices
+
+
 class _Deform(torch.autograd.Function):
     """`_eager`'s function, the correction's columns built and differentiated in C++ (module docstring).
 
@@ -471,17 +507,9 @@ class _Deform(torch.autograd.Function):
         y = conv(frame, weight, bias)
         ctx.save_for_backward(frame, offset, mask, weight, bias)
         ctx.conv, ctx.geometry = conv, geometry
-        n, c_out, ho, wo = y.shape
+        out_size = (y.shape[-2], y.shape[-1])
         with torch.autocast(frame.device.type, enabled=False):
-            o = _operands(frame, offset, mask, weight, geometry, (ho, wo))
-            groups, per_group, _ = o.matrices.shape
-            z = o.frame.new_empty(groups, n * ho * wo, per_group)
-            buffer = o.buffer()
-            for images, rows, chunk in o.chunks():
-                columns = o.columns(buffer, rows)
-                _kernel("deform_columns", columns.dtype, chunk, *_images(o[:3], images), columns)
-                torch.bmm(columns, o.matrices.transpose(1, 2), out=z[:, rows])
-            z = z.view(groups, n, ho, wo, per_group).permute(1, 0, 4, 2, 3).reshape(n, c_out, ho, wo)
+            z = _native_correction(_operands(frame, offset, mask, weight, geometry, out_size), out_size)
         return y.add_(z.to(y.dtype))
 
     @staticmethod
@@ -494,34 +522,16 @@ class _Deform(torch.autograd.Function):
                 grads = iter(torch.autograd.grad(y, used, dy, create_graph=True))
             return None, *(next(grads) if want else None for want in wanted), None
         frame, offset, mask, weight, bias = inputs
-        n, c_out, ho, wo = dy.shape
         with torch.autocast(frame.device.type, enabled=False):
-            o = _operands(frame, offset, mask, weight, ctx.geometry, (ho, wo))
-            groups, per_group, _ = o.matrices.shape
-            dz = (
-                dy.to(o.frame.dtype)
-                .permute(0, 2, 3, 1)
-                .reshape(n * ho * wo, groups, per_group)
-                .transpose(0, 1)
-            )
-            dframe, doffset = torch.zeros_like(o.frame), torch.zeros_like(o.offset)
-            dmask = torch.zeros_like(o.mask) if o.mask is not None else None
-            dmatrices = torch.zeros_like(o.matrices)
-            buffers = o.buffer(), o.buffer()  # apart: each under glibc's 32 MB mmap threshold
-            for images, rows, chunk in o.chunks():
-                dcolumns = torch.bmm(dz[:, rows], o.matrices, out=o.columns(buffers[0], rows))
-                samples = o.columns(buffers[1], rows)
-                operands, outputs = _images(o[:3], images), _images((dframe, doffset, dmask), images)
-                _kernel(
-                    "deform_columns_backward", samples.dtype, chunk, *operands, dcolumns, samples, *outputs
-                )
-                dmatrices.baddbmm_(dz[:, rows].transpose(1, 2), samples)
+            o = _operands(frame, offset, mask, weight, ctx.geometry, (dy.shape[-2], dy.shape[-1]))
+            dframe, doffset, dmask, dmatrices = _native_gradients(o, dy)
             kh, kw = ctx.geometry.kernel_size
+            dweight = dmatrices.reshape(weight.shape[0], kh * kw, -1).transpose(1, 2).reshape(weight.shape)
             grads = (
                 dframe.permute(0, 3, 1, 2).to(frame.dtype),
                 doffset.permute(0, 3, 1, 2).to(offset.dtype),
                 dmask.permute(0, 3, 1, 2).to(mask.dtype) if mask is not None else None,
-                dmatrices.reshape(c_out, kh * kw, -1).transpose(1, 2).reshape(weight.shape).to(weight.dtype),
+                dweight.to(weight.dtype),
                 dy.sum((0, 2, 3), dtype=o.frame.dtype).to(bias.dtype) if bias is not None else None,
             )
         return None, *(g if want else None for g, want in zip(grads, wanted, strict=True)), None

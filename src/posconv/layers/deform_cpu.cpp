@@ -185,13 +185,16 @@ void columns(const Geometry& g, const T* frame, const T* offset, const T* mask, 
 // The adjoint, given dcolumns (the output's gradient through the weight): the frame's gradient, the
 // offsets' and masks' gradients, and mask·sample's columns (for the weight's gradient). OpenMP over
 // tasks (image, offset group, channel block), g.blocks blocks per group (more than one when there are
-// fewer images·groups than threads): a task scatters into its own channels of its own image, and adds
-// its partial offset and mask gradients atomically where it shares them with other blocks.
+// fewer images·groups than threads): a task scatters into its own channels of its own image, and
+// writes its own partial sums of the offset and mask gradients, doffset and dmask being
+// (blocks, n, H_out, W_out, ·); the caller adds the blocks up in a fixed order (no atomics: the sums
+// are the same on every run).
 template <typename T>
 void columns_backward(const Geometry& g, const T* frame, const T* offset, const T* mask, const T* dcolumns,
                       T* samples, T* dframe, T* doffset, T* dmask) {
   const int64_t taps = g.kernel_h * g.kernel_w, per_group = g.c / g.groups;
   const int64_t per_offset_group = g.c / g.offset_groups, blocks = g.blocks;
+  const int64_t block_taps = g.n * g.out_h * g.out_w * g.offset_groups * taps;  // one block's partials
   const std::vector<T> zero_row(g.c, T(0));
   std::vector<std::vector<Run>> block_runs;  // per task, offset group major
   for (int64_t og = 0; og < g.offset_groups; ++og) {
@@ -207,6 +210,7 @@ void columns_backward(const Geometry& g, const T* frame, const T* offset, const 
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < g.n * g.offset_groups * blocks; ++task) {
       const int64_t n = task / (g.offset_groups * blocks), og = task / blocks % g.offset_groups;
+      const int64_t b = task % blocks;
       for (int64_t oy = 0; oy < g.out_h; ++oy) {
         for (int64_t ox = 0; ox < g.out_w; ++ox) {
           const int64_t row = (n * g.out_h + oy) * g.out_w + ox;
@@ -221,17 +225,10 @@ void columns_backward(const Geometry& g, const T* frame, const T* offset, const 
               const std::vector<Run>& task_runs = block_runs[task % (g.offset_groups * blocks)];
               T gradients[3];
               tap_adjoint(s, task_runs, dcolumns + column, samples + column, d, gradients);
-              const int64_t tap = (row * g.offset_groups + og) * taps + k;
-              T* to[3] = {doffset + 2 * tap, doffset + 2 * tap + 1, dmask ? dmask + tap : nullptr};
-              for (int v = 0; v < 3; ++v) {
-                if (!to[v]) continue;
-                if (blocks == 1) {
-                  *to[v] = gradients[v];
-                } else {
-#pragma omp atomic
-                  *to[v] += gradients[v];
-                }
-              }
+              const int64_t tap = b * block_taps + (row * g.offset_groups + og) * taps + k;
+              doffset[2 * tap] = gradients[0];
+              doffset[2 * tap + 1] = gradients[1];
+              if (dmask) dmask[tap] = gradients[2];
             }
           }
         }
