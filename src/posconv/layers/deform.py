@@ -471,19 +471,19 @@ def _native_gradients(o: _Operands, dy: torch.Tensor) -> tuple[torch.Tensor | No
     dframe, doffset = torch.zeros_like(o.frame), torch.empty_like(o.offset)
     dmask = torch.empty_like(o.mask) if o.mask is not None else None
     dmatrices = torch.zeros_like(o.matrices)
-    buffers = o.buffer(), o.buffer()  # apart: each under glibc's 32 MB mmap threshold
+    buffer = o.buffer()
     for images, rows, chunk in o.chunks():
-        dcolumns = torch.bmm(dz[:, rows], o.matrices, out=o.columns(buffers[0], rows))
-        samples = o.columns(buffers[1], rows)
+        # the columns' gradient, then, written over it by the adjoint, mask·sample's columns
+        columns = torch.bmm(dz[:, rows], o.matrices, out=o.columns(buffer, rows))
         # the offsets' and masks' gradients, a partial sum per channel block, added up after
         totals = _images((doffset, dmask), images)
         partials = [t.new_empty(chunk.blocks, *t.shape) if t is not None else None for t in totals]
-        operands = (*_images(o[:3], images), dcolumns, samples, dframe[images], *partials)
-        _kernel("deform_columns_backward", samples.dtype, chunk, *operands)
+        operands = (*_images(o[:3], images), columns, dframe[images], *partials)
+        _kernel("deform_columns_backward", columns.dtype, chunk, *operands)
         for partial, total in zip(partials, totals, strict=True):
             if partial is not None:
                 torch.sum(partial, 0, out=total)
-        dmatrices.baddbmm_(dz[:, rows].transpose(1, 2), samples)
+        dmatrices.baddbmm_(dz[:, rows].transpose(1, 2), columns)
     return dframe, doffset, dmask, dmatrices
 
 

@@ -118,12 +118,12 @@ inline void tap_columns(const Sample<T>& s, const T* plain, const std::vector<Ru
   }
 }
 
-// Its adjoint for the channels in `runs`, given the columns' gradient `dcolumns`: the frame's
-// gradient added at the four corners (`d`), mask·sample written to `samples`, and the gradients of the
-// tap's (Δy, Δx) and mask returned, summed over those channels.
+// Its adjoint for the channels in `runs`, given the columns' gradient in `columns`: the frame's
+// gradient added at the four corners (`d`), mask·sample written over the columns' gradient, and the
+// gradients of the tap's (Δy, Δx) and mask returned, summed over those channels.
 template <typename T>
-inline void tap_adjoint(const Sample<T>& s, const std::vector<Run>& runs, const T* dcolumns, T* samples,
-                        T* const d[4], T gradients[3]) {
+inline void tap_adjoint(const Sample<T>& s, const std::vector<Run>& runs, T* columns, T* const d[4],
+                        T gradients[3]) {
   const T w0 = s.weight[0], w1 = s.weight[1], w2 = s.weight[2], w3 = s.weight[3];
   const T m = s.mask, fy = s.fy, fx = s.fx;
   T dy = 0, dx = 0, dm = 0;
@@ -131,15 +131,14 @@ inline void tap_adjoint(const Sample<T>& s, const std::vector<Run>& runs, const 
     const int64_t c0 = run.channel;
     const T *r0 = s.row[0] + c0, *r1 = s.row[1] + c0, *r2 = s.row[2] + c0, *r3 = s.row[3] + c0;
     T *d0 = d[0] + c0, *d1 = d[1] + c0, *d2 = d[2] + c0, *d3 = d[3] + c0;
-    const T* gc = dcolumns + run.column;
-    T* ms = samples + run.column;
+    T* column = columns + run.column;
 #pragma GCC ivdep
     for (int64_t c = 0; c < run.count; ++c) {
       const T v0 = r0[c], v1 = r1[c], v2 = r2[c], v3 = r3[c];
       const T sampled = w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3;
-      const T gm = gc[c] * m;
-      ms[c] = m * sampled;
-      dm += gc[c] * sampled;
+      const T gradient = column[c], gm = gradient * m;
+      column[c] = m * sampled;
+      dm += gradient * sampled;
       dy += gm * ((1 - fx) * (v2 - v0) + fx * (v3 - v1));
       dx += gm * ((1 - fy) * (v1 - v0) + fy * (v3 - v2));
       d0[c] += w0 * gm;
@@ -182,16 +181,17 @@ void columns(const Geometry& g, const T* frame, const T* offset, const T* mask, 
   }
 }
 
-// The adjoint, given dcolumns (the output's gradient through the weight): the frame's gradient, the
-// offsets' and masks' gradients, and mask·sample's columns (for the weight's gradient). OpenMP over
+// The adjoint, given in `columns` their gradient (the output's through the weight): the frame's
+// gradient, the offsets' and masks' gradients, and, over the columns' gradient, mask·sample's columns
+// (for the weight's gradient: one buffer for both, read and written once). OpenMP over
 // tasks (image, offset group, channel block), g.blocks blocks per group (more than one when there are
 // fewer images·groups than threads): a task scatters into its own channels of its own image, and
 // writes its own partial sums of the offset and mask gradients, doffset and dmask being
 // (blocks, n, H_out, W_out, ·); the caller adds the blocks up in a fixed order (no atomics: the sums
 // are the same on every run).
 template <typename T>
-void columns_backward(const Geometry& g, const T* frame, const T* offset, const T* mask, const T* dcolumns,
-                      T* samples, T* dframe, T* doffset, T* dmask) {
+void columns_backward(const Geometry& g, const T* frame, const T* offset, const T* mask, T* columns,
+                      T* dframe, T* doffset, T* dmask) {
   const int64_t taps = g.kernel_h * g.kernel_w, per_group = g.c / g.groups;
   const int64_t per_offset_group = g.c / g.offset_groups, blocks = g.blocks;
   const int64_t block_taps = g.n * g.out_h * g.out_w * g.offset_groups * taps;  // one block's partials
@@ -221,10 +221,9 @@ void columns_backward(const Geometry& g, const T* frame, const T* offset, const 
               for (int corner = 0; corner < 4; ++corner) {
                 d[corner] = s.place[corner] >= 0 ? dframe + s.place[corner] : sink.data();
               }
-              const int64_t column = (row * taps + k) * per_group;
               const std::vector<Run>& task_runs = block_runs[task % (g.offset_groups * blocks)];
               T gradients[3];
-              tap_adjoint(s, task_runs, dcolumns + column, samples + column, d, gradients);
+              tap_adjoint(s, task_runs, columns + (row * taps + k) * per_group, d, gradients);
               const int64_t tap = b * block_taps + (row * g.offset_groups + og) * taps + k;
               doffset[2 * tap] = gradients[0];
               doffset[2 * tap + 1] = gradients[1];
@@ -252,15 +251,15 @@ void deform_columns_f64(const Geometry* g, const double* frame, const double* of
 }
 
 void deform_columns_backward_f32(const Geometry* g, const float* frame, const float* offset,
-                                 const float* mask, const float* dcolumns, float* samples, float* dframe,
-                                 float* doffset, float* dmask) {
-  columns_backward(*g, frame, offset, mask, dcolumns, samples, dframe, doffset, dmask);
+                                 const float* mask, float* columns, float* dframe, float* doffset,
+                                 float* dmask) {
+  columns_backward(*g, frame, offset, mask, columns, dframe, doffset, dmask);
 }
 
 void deform_columns_backward_f64(const Geometry* g, const double* frame, const double* offset,
-                                 const double* mask, const double* dcolumns, double* samples, double* dframe,
-                                 double* doffset, double* dmask) {
-  columns_backward(*g, frame, offset, mask, dcolumns, samples, dframe, doffset, dmask);
+                                 const double* mask, double* columns, double* dframe, double* doffset,
+                                 double* dmask) {
+  columns_backward(*g, frame, offset, mask, columns, dframe, doffset, dmask);
 }
 
 }  // extern "C"
