@@ -31,23 +31,24 @@ load in every later process) writes the correction's columns m_k·s_k - x_k, a b
 channels-last order (a row per output pixel; in it per convolution group the taps, per tap the
 channels), and one PyTorch matrix product per group with the weight gives the correction. Backward: the
 columns' gradient dy·W (a product); the C++ adjoint, which scatters the input's gradient to the four
-corners, sums the offsets' and masks' gradients over the channels, and writes the m·s columns; and the
-weight's gradient dyᵀ·(m·s) (a product): W's gradient of conv(x; W) + W·(m·s - x) is that of W·(m·s), so
-the plain convolution's weight gradient is neither computed nor cancelled either. Nothing but the inputs
-is kept for backward (the samples are recomputed). The batch goes through in chunks of whole images
-whose columns fit `_CHUNK_BYTES`; OpenMP runs the forward over output rows, the backward over images and
-offset groups (and channel blocks where those are fewer than the threads), each task scattering into its
-own image's channels and writing its own partial sums of the offsets' and masks' gradients, added up
-after in a fixed order: no atomics, the same numbers on every run. Why: the eager path's per-tap gathers
-and grid_sample's backward scatter cost ~11x nn.Conv2d; the matrix products here run at the machine's
-matrix rate, and the sampling reads each corner once per channel vector. Measured forward+backward
-against nn.Conv2d (batch 8, 3x3, padding 1, float32, 2 threads, offsets drawn away from zero, the
-contenders interleaved in one run on a 2-core machine shared with other jobs, so the ratios moved by
-±20% between runs): at 64->64 channels and 64x64, the layer 3.3-3.6x channels last (3.4-4.2x NCHW), the
-op alone 2.7-3.1x (2.9-3.3x), against the eager path's 11-18x; at the model's 16 and 32 channels the
-layer 5-7x and the op 3-6x: there the sampling, per pixel and tap, is shared by few channels, the matrix
-products are thin (16 or 32 wide), and the offset convolution (27 output channels) alone costs 0.8-1.7
-nn.Conv2d. The layer keeps 14 MiB for backward at the shape above against the eager path's 165 MiB.
+corners, sums the offsets' and masks' gradients over the channels, and writes the m·s columns over the
+gradient's; and the weight's gradient dyᵀ·(m·s) (a product): W's gradient of conv(x; W) + W·(m·s - x) is
+that of W·(m·s), so the plain convolution's weight gradient is neither computed nor cancelled either.
+Nothing but the inputs is kept for backward (the samples are recomputed). The batch goes through in
+chunks of whole images whose columns fit `_CHUNK_BYTES`; OpenMP runs the forward over output rows, the
+backward over images and offset groups (and channel blocks where those are fewer than the threads), each
+task scattering into its own image's channels and writing its own partial sums of the offsets' and
+masks' gradients, added up after in a fixed order: no atomics, the same numbers on every run. Why: the
+eager path's per-tap gathers and grid_sample's backward scatter cost ~11x nn.Conv2d; the matrix products
+here run at the machine's matrix rate, and the sampling reads each corner once per channel vector.
+Measured forward+backward against nn.Conv2d (batch 8, 3x3, padding 1, float32, 2 threads, offsets drawn
+away from zero, the contenders interleaved in one run on a 2-core machine shared with other jobs, so the
+ratios moved by ±20% between runs): at 64->64 channels and 64x64, the layer 3.3-3.6x channels last
+(3.4-4.2x NCHW), the op alone 2.7-3.1x (2.9-3.3x), against the eager path's 11-18x; at the model's 16
+and 32 channels the layer 5-7x and the op 3-6x: there the sampling, per pixel and tap, is shared by few
+channels, the matrix products are thin (16 or 32 wide), and the offset convolution (27 output channels)
+alone costs 0.8-1.7 nn.Conv2d. The layer keeps 14 MiB for backward at the shape above against the eager
+path's 165 MiB.
 
 *The eager path* (`_eager`: per tap `grid_sample`, plain autograd) runs off the CPU; inside
 torch.compile, which compiles it (measured: Inductor's code for it is no faster than eager, 10x
