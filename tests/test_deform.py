@@ -247,9 +247,16 @@ def test_forward_equals_the_loops(
 
 @pytest.mark.parametrize(("form", "path"), FORMS, indirect=["path"], ids=FORM_IDS)
 def test_without_a_mask_every_tap_weighs_one(form: Form, path: str | None) -> None:
-    """DCNv1: `mask=None` is the layer with every mask 1."""
+    """DCNv1: `mask=None` is the layer with every mask 1, its gradients those of unit masks."""
     operands = _operands(6, 5, 2, 3, dict(padding=1), 1, 3) | {"mask": None}
     torch.testing.assert_close(_call(form, operands), _reference(operands), rtol=1e-10, atol=1e-10)
+    grads = []
+    for mask in (None, torch.ones_like(_operands(6, 5, 2, 3, dict(padding=1), 1, 3)["mask"])):
+        leaves = {key: operands[key].clone().requires_grad_() for key in ("input", "offset", "weight")}
+        y = _call(form, operands | leaves | {"mask": mask})
+        grads.append(torch.autograd.grad(y, list(leaves.values()), torch.ones_like(y)))
+    for without, ones in zip(*grads, strict=True):
+        torch.testing.assert_close(without, ones, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
