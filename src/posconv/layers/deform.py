@@ -39,16 +39,17 @@ chunks of whole images whose columns fit `_CHUNK_BYTES`; OpenMP runs the forward
 backward over images and offset groups (and channel blocks where those are fewer than the threads), each
 task scattering into its own image's channels and writing its own partial sums of the offsets' and
 masks' gradients, added up after in a fixed order: no atomics, the same numbers on every run. Why: the
-eager path's per-tap gathers and grid_sample's backward scatter cost ~11x nn.Conv2d; the matrix products
-here run at the machine's matrix rate, and the sampling reads each corner once per channel vector.
-Measured forward+backward against nn.Conv2d (batch 8, 3x3, padding 1, float32, 2 threads, offsets drawn
-away from zero, the contenders interleaved in one run on a 2-core machine shared with other jobs, so the
-ratios moved by ±20% between runs): at 64->64 channels and 64x64, the layer 3.3-3.6x channels last
-(3.4-4.2x NCHW), the op alone 2.7-3.1x (2.9-3.3x), against the eager path's 11-18x; at the model's 16
-and 32 channels the layer 5-7x and the op 3-6x: there the sampling, per pixel and tap, is shared by few
-channels, the matrix products are thin (16 or 32 wide), and the offset convolution (27 output channels)
-alone costs 0.8-1.7 nn.Conv2d. The layer keeps 14 MiB for backward at the shape above against the eager
-path's 165 MiB.
+eager path's per-tap gathers and grid_sample's backward scatter cost ~11x nn.Conv2d; here the work is
+matrix products (MKL's) and one pass of the sampling each way, which reads a corner once per vector of
+channels. Measured forward+backward against nn.Conv2d (batch 8, 3x3, padding 1, float32, 2 threads,
+offsets drawn away from zero, the contenders interleaved in one run, median of 10, on a 2-core machine
+shared with other jobs): at 64->64 channels and 64x64 the layer 3.3x channels last in the quietest run
+(3.4x NCHW), 3.6-4.3x with the machine 2-4x oversubscribed, 3.0x on one thread; the op alone 2.7x
+(2.9x), 2.7-4.3x, 2.4x; the eager path 9-23x, 7.7x on one thread. At the model's 16 and 32 channels the
+layer 5-8x, the op 3-6.5x: there the sampling, per pixel and tap, is shared by few channels, the matrix
+products are thin (16 or 32 wide: MKL runs them at a third to half nn.Conv2d's rate), and the offset
+convolution (27 output channels) alone costs 0.8-1.7 nn.Conv2d. The layer keeps 14 MiB for backward at
+the shape above against the eager path's 165 MiB.
 
 *The eager path* (`_eager`: per tap `grid_sample`, plain autograd) runs off the CPU; inside
 torch.compile, which compiles it (measured: Inductor's code for it is no faster than eager, 10x
