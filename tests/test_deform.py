@@ -828,7 +828,12 @@ def test_a_cold_build_leaves_one_library_and_is_used(fresh_build: Path) -> None:
 
 def test_concurrent_first_builds_share_one_library(tmp_path: Path) -> None:
     """Two processes building into one empty cache at once (two pytest workers) both load a whole
-    library, and one file is left: each writes its own file and renames it into place."""
+    library, and one file is left: each writes its own file and renames it into place. The compiler is
+    wrapped to log each build and wait a second before it, so that the two builds surely overlap."""
+    _require_the_library()
+    log = tmp_path / "builds.log"
+    real = shutil.which(os.environ.get("CXX", "c++"))
+    wrapper = _fake_compiler(tmp_path, f'echo build >> "{log}"; sleep 1; exec "{real}" "$@"')
     script = (
         "import importlib.util, sys\n"
         "spec = importlib.util.spec_from_file_location('native', sys.argv[1])\n"
@@ -844,12 +849,14 @@ def test_concurrent_first_builds_share_one_library(tmp_path: Path) -> None:
         str(deform_module._SOURCE),
         *deform_module._FLAGS,
     ]
-    environment = os.environ | {"XDG_CACHE_HOME": str(tmp_path)}
+    cache = tmp_path / "cache"
+    environment = os.environ | {"XDG_CACHE_HOME": str(cache), "CXX": str(wrapper)}
     workers = [subprocess.Popen(command, env=environment, stderr=subprocess.PIPE) for _ in range(2)]
     for worker in workers:
         _, err = worker.communicate(timeout=600)
         assert worker.returncode == 0, err.decode()
-    assert [path.suffix for path in (tmp_path / "posconv").iterdir()] == [".so"]
+    assert log.read_text().split() == ["build", "build"]  # neither found the other's library
+    assert [path.suffix for path in (cache / "posconv").iterdir()] == [".so"]
 
 
 @pytest.fixture
