@@ -19,7 +19,7 @@ TINY = {  # a pipeline that runs in seconds on a CPU
     "generate": {"size": 32, "images": 48},
     "model": {"width": 4},
     "train": {"epochs": 1, "batch_size": 8, "val_every": 2},
-    "evaluate": {"examples": 2, "sizes": [24, 40], "equivariance_images": 4},
+    "evaluate": {"examples": 2, "sizes": [24, 40], "scales": [0.75, 1.5], "equivariance_images": 4},
     "check": {"min_miou": 0.0, "min_position_recall": 0.0, "min_transfer_position_recall": 0.0},
 }
 
