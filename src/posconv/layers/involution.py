@@ -47,14 +47,20 @@ layer starts as the Involution2d with the same weights and the same random draws
 
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
+import subprocess
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posconv.layers import acceleration
 from posconv.layers.coords import check_convention, output_grid, pad_amounts, positioned
-from posconv.layers.position_term import add_position_term, is_channels_last
+from posconv.layers.position_term import is_channels_last
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 Pair = tuple[int, int]
@@ -315,6 +321,215 @@ def _involution_unfold(
     return y if bias is None else y + bias[:, None, None]
 
 
+# ---- the generated involution: a compiled operator, and its eager formulation ----
+
+OP = "involution"  # its name in posconv.layers.acceleration
+_SOURCE = Path(__file__).with_suffix(".cpp")
+_BUILD_TIMEOUT_S = 300  # a first build takes ~30 s on 2 busy cores
+_native: bool | None = None  # whether the operator runs here; None until the first layer asks
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(output dtype, compute dtype): the output is what nn.Conv2d would return (under autocast the
+    autocast dtype); the generator and the aggregation compute in at least float32."""
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    if torch.is_autocast_enabled(x.device.type) and out_dtype != torch.float64:
+        out_dtype = torch.get_autocast_dtype(x.device.type)
+    return out_dtype, torch.promote_types(out_dtype, torch.float32)
+
+
+def _flat(geometry: Geometry, groups: int) -> list[int]:
+    """The operator's geometry argument: [kh, kw, sh, sw, dh, dw, G]."""
+    kernel_size, stride, dilation, _ = geometry
+    return [*kernel_size, *stride, *dilation, groups]
+
+
+def _unflat(flat: list[int], xp: torch.Tensor) -> Geometry:
+    kernel_size, stride, dilation = (flat[0], flat[1]), (flat[2], flat[3]), (flat[4], flat[5])
+    return kernel_size, stride, dilation, output_size(tuple(xp.shape[-2:]), kernel_size, stride, dilation)
+
+
+def _generated_eager(
+    xp: torch.Tensor,
+    wr: torch.Tensor,
+    br: torch.Tensor,
+    term: torch.Tensor | None,
+    ws: torch.Tensor,
+    bs: torch.Tensor,
+    bias: torch.Tensor | None,
+    flat: list[int],
+    channels_last: bool,
+) -> torch.Tensor:
+    """The operator's function in PyTorch ops: kernels `ws @ relu(wr @ xbar + br + term) + bs` by 1x1
+    convolutions, aggregated by `_ShiftedProducts`. All in one dtype, differentiable twice."""
+    geometry = _unflat(flat, xp)
+    xbar = generator_input(xp, *geometry)
+    features = F.conv2d(xbar, wr[..., None, None], br)
+    features = features if term is None else features + term
+    kernel = F.conv2d(torch.relu(features), ws[..., None, None], bs)
+    return _ShiftedProducts.apply(xp, kernel, bias, geometry, channels_last)
+
+
+def _build_command(target: Path) -> list[str]:
+    """The compiler line for the operator library (`CXX`, else c++), torch's headers and libraries."""
+    from torch.utils import cpp_extension
+
+    libraries = cpp_extension.library_paths()
+    return [
+        os.environ.get("CXX", "c++"),
+        *("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20"),
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{path}" for path in cpp_extension.include_paths()),
+        str(_SOURCE),
+        "-o",
+        str(target),
+        *(f"-L{path}" for path in libraries),
+        *(f"-Wl,-rpath,{path}" for path in libraries),
+        *("-lc10", "-ltorch_cpu", "-ltorch"),
+    ]
+
+
+def _cpu() -> str:
+    """The CPU's model and flags: a library built with -march=native is only reused where they match."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
+def _library() -> Path:
+    """The operator library, built once per source, torch, compiler line and CPU, in torch's extension
+    cache. The compiler writes a private file renamed into place: processes that build at once each get
+    a whole library, and none waits on a lock that a killed build left behind."""
+    from torch.utils import cpp_extension
+
+    key = "\n".join([_SOURCE.read_text(), torch.__version__, *_build_command(Path("out")), _cpu()])
+    folder = Path(cpp_extension.get_default_build_root()) / "posconv_involution"
+    library = folder / f"involution_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = library.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        subprocess.run(
+            _build_command(partial), check=True, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
+        )
+        os.replace(partial, library)
+    finally:
+        partial.unlink(missing_ok=True)
+    return library
+
+
+def _why_not(error: Exception) -> str:
+    if isinstance(error, subprocess.CalledProcessError):
+        lines = (error.stderr or "").strip().splitlines()
+        return f"its C++ operator did not build ({lines[-1] if lines else f'exit status {error.returncode}'})"
+    if isinstance(error, subprocess.TimeoutExpired):
+        return f"its C++ operator did not build within {_BUILD_TIMEOUT_S} s"
+    return f"its C++ operator is unavailable ({type(error).__name__}: {error})"
+
+
+def native_ready() -> bool:
+    """Whether the compiled operator runs in this process: built (or found built) and loaded at the first
+    call, else the one warning line and the eager formulation from then on. Recorded in `acceleration`."""
+    global _native
+    if _native is None:
+        if not acceleration.enabled():
+            acceleration.fall_back(OP, f"{acceleration.SWITCH}=0")
+            _native = False
+            return _native
+        try:
+            torch.ops.load_library(str(_library()))
+            _register_operator()
+            _native = True
+            acceleration.record(OP, "cpp")
+        except Exception as error:  # noqa: BLE001 - any failure to build or load means: run eagerly
+            acceleration.fall_back(OP, _why_not(error))
+            _native = False
+    return _native
+
+
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _register_operator() -> None:
+    """Shapes for tracing (torch.compile, fake tensors) and the autograd formula of the loaded operator."""
+    backward = torch.ops.posconv_involution.backward
+
+    def forward_shape(xp, wr, br, term, ws, bs, bias, flat, channels_last):  # noqa: ANN001, ANN202
+        size = _unflat(flat, xp)[3]
+        return xp.new_empty((xp.shape[0], xp.shape[1], *size)).contiguous(memory_format=_layout(channels_last))
+
+    def backward_shapes(grad, xp, wr, br, term, ws, bs, has_bias, flat, channels_last):  # noqa: ANN001, ANN202
+        empty = xp.new_empty(0)
+        term_grad = empty if term is None else xp.new_empty((xp.shape[0], *term.shape))
+        bias_grad = xp.new_empty(xp.shape[1]) if has_bias else empty
+        return torch.empty_like(xp), *map(torch.empty_like, (wr, br)), term_grad, *map(
+            torch.empty_like, (ws, bs)
+        ), bias_grad
+
+    def save(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        *tensors, ctx.flat, ctx.channels_last = inputs
+        ctx.save_for_backward(*tensors)
+
+    def gradients(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xp, wr, br, term, ws, bs, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a differentiable backward, through the eager form
+            return _differentiable_gradients(ctx, grad)
+        grad = grad.contiguous(memory_format=_layout(ctx.channels_last))
+        results = backward(grad, xp, wr, br, term, ws, bs, bias is not None, ctx.flat, ctx.channels_last)
+        gxp, gwr, gbr, gterm, gws, gbs, gbias = results
+        return (
+            gxp,
+            gwr,
+            gbr,
+            None if term is None else gterm.sum(0),
+            gws,
+            gbs,
+            None if bias is None else gbias,
+            None,
+            None,
+        )
+
+    torch.library.register_fake("posconv_involution::forward")(forward_shape)
+    torch.library.register_fake("posconv_involution::backward")(backward_shapes)
+    torch.library.register_autograd("posconv_involution::forward", gradients, setup_context=save)
+
+
+def _differentiable_gradients(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The operator's gradients as a graph (double backward): the eager formulation recomputed."""
+    inputs = ctx.saved_tensors
+    wanted = [t is not None and needs for t, needs in zip(inputs, ctx.needs_input_grad, strict=False)]
+    with torch.enable_grad():
+        y = _generated_eager(*inputs, ctx.flat, ctx.channels_last)
+    found = iter(
+        torch.autograd.grad(y, [t for t, w in zip(inputs, wanted, strict=True) if w], grad, create_graph=True)
+    )
+    return (*(next(found) if w else None for w in wanted), None, None)
+
+
+def _generated(
+    xp: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    term: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    geometry: Geometry,
+    groups: int,
+    channels_last: bool,
+) -> torch.Tensor:
+    """The generated involution of x~ (all in one dtype): the compiled operator on CPU where it runs,
+    else the eager formulation."""
+    flat = _flat(geometry, groups)
+    if xp.device.type == "cpu" and (_native if torch.compiler.is_compiling() else native_ready()):
+        xp = xp.contiguous(memory_format=_layout(channels_last))
+        return torch.ops.posconv_involution.forward(xp, *weights[:2], term, *weights[2:], bias, flat, channels_last)
+    if xp.device.type != "cpu" and not torch.compiler.is_compiling():
+        acceleration.fall_back(OP, f"no compiled implementation on {xp.device.type}")
+    return _generated_eager(xp, *weights[:2], term, *weights[2:], bias, flat, channels_last)
+
+
 # ---- the layers ----
 
 
@@ -364,6 +579,8 @@ class Involution2d(nn.Module):
         if not isinstance(bias, bool):
             raise TypeError(f"bias = {bias!r}: expected a bool")
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
+        if self.reduce.weight.device.type == "cpu":
+            native_ready()  # build the operator now, not while an outer torch.compile traces a forward
 
     def reset_parameters(self) -> None:
         """The 1x1 convolutions as nn.Conv2d initialises them; the output bias at zero."""
@@ -373,29 +590,27 @@ class Involution2d(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def generator_features(self, x: torch.Tensor, xp: torch.Tensor, out_size: Pair) -> torch.Tensor:
-        """`reduce(xbar)`, the kernel generator before its ReLU, from x and x~."""
-        centres = tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation, strict=True))
-        pads = [
-            pad_amounts(self._padding_on(axis), self.kernel_size[axis], self.dilation[axis])
-            for axis in (0, 1)
-        ]
-        if self.stride == (1, 1) and centres == (pads[0][0], pads[1][0]) and out_size == tuple(x.shape[-2:]):
-            return self.reduce(x)  # "same" padding at stride 1: xbar is x itself, not a strided view of x~
-        return self.reduce(generator_input(xp, self.kernel_size, self.stride, self.dilation, out_size))
-
-    def _padding_on(self, axis: int) -> int | str:
-        return self.padding if isinstance(self.padding, str) else self.padding[axis]
+    def generator_term(self, x: torch.Tensor, out_size: Pair) -> torch.Tensor | None:
+        """What the kernel generator adds to `reduce(xbar)` before its ReLU, (R, H_out, W_out): nothing here."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels_last = is_channels_last(x)  # the output's format is the input's, whatever the projection's
         if self.project is not None:
             x = self.project(x)
-        xp = padded(x, self.kernel_size, self.dilation, self.padding, self.padding_mode)
-        out_size = output_size(tuple(xp.shape[-2:]), self.kernel_size, self.stride, self.dilation)
-        kernel = self.span(torch.relu(self.generator_features(x, xp, out_size)))
-        geometry = (self.kernel_size, self.stride, self.dilation, out_size)
-        return _aggregate(xp, kernel, self.bias, geometry, channels_last)
+        out_dtype, dtype = _compute_dtype(x, self.reduce.weight)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            xp = padded(x, self.kernel_size, self.dilation, self.padding, self.padding_mode)
+            out_size = output_size(tuple(xp.shape[-2:]), self.kernel_size, self.stride, self.dilation)
+            geometry = (self.kernel_size, self.stride, self.dilation, out_size)
+            reduce, span = self.reduce, self.span
+            weights = (reduce.weight.flatten(1), reduce.bias, span.weight.flatten(1), span.bias)
+            weights = tuple(w.to(dtype).contiguous() for w in weights)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            term = self.generator_term(x, out_size)
+            y = _generated(xp, weights, term, bias, geometry, self.groups, channels_last)  # type: ignore[arg-type]
+        return y.to(out_dtype)
 
     def extra_repr(self) -> str:
         text = (
@@ -422,15 +637,12 @@ class CoordInvolution2d(Involution2d):
         super().reset_parameters()
         nn.init.zeros_(self.coord_weight)
 
-    def generator_features(self, x: torch.Tensor, xp: torch.Tensor, out_size: Pair) -> torch.Tensor:
-        """`reduce(xbar) + coord_weight @ (X, Y)`, the coordinates of the output pixels (kernel centres)."""
-        features = super().generator_features(x, xp, out_size)
-        dtype = torch.promote_types(features.dtype, self.coord_weight.dtype)  # autocast: the term in fp32
+    def generator_term(self, x: torch.Tensor, out_size: Pair) -> torch.Tensor:
+        """`coord_weight @ (X, Y)` of the output pixels (kernel centres), (R, H_out, W_out), in x's dtype."""
         geometry = (self.kernel_size, self.stride, self.dilation, self.padding)
-        in_size = (x.shape[-2], x.shape[-1])
-        grid = output_grid(in_size, out_size, *geometry, self.coords, x.device, dtype)
+        grid = output_grid((x.shape[-2], x.shape[-1]), out_size, *geometry, self.coords, x.device, x.dtype)
         basis = positioned(grid.flatten(1), self.coords)
-        return add_position_term(features, self.coord_weight.to(dtype), basis)
+        return (self.coord_weight.to(x.dtype) @ basis).view(-1, *out_size)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, coords={self.coords}"
