@@ -1,18 +1,23 @@
-// Involution with its kernel generator, fused, on CPU: posconv.layers.involution builds this file at first
-// use and registers the operators' autograd and shapes (its docstring says why and what it costs).
+// Involution with its kernel generator and its padding, fused, on CPU. posconv.layers.involution builds
+// this file at first use and registers the operators' autograd and shapes; its docstring says why.
 //
 //   forward:  out[b, c, i, j] = bias[c] + sum over taps t = (u, v) of
-//                                 k[b, g(c)*K + t, i, j] * xp[b, c, i*sh + u*dh, j*sw + v*dw]
+//                                 k[b, g(c)*K + t, i, j] * x~[b, c, i*sh + u*dh, j*sw + v*dw]
 //             k = ws @ relu(wr @ xbar + br + term) + bs per output pixel, never stored
-//   backward: the gradients of xp, wr, br, term (per image), ws, bs and bias; the kernels are recomputed.
+//   backward: the gradients of x, wr, br, term (per image), ws, bs and bias; the kernels are recomputed.
 //
-// xbar(i, j) is the mean of the sh x sw block of xp whose top-left pixel is the kernel centre
-// (i*sh + dh*(kh-1)/2, j*sw + dw*(kw-1)/2), clipped at xp's end. Tensors are contiguous in one layout.
-// Three row kernels, chosen per call: channels_last with groups of a multiple of 16 channels (the model's
-// case; explicit 16-lane vectors of channels), any other channels_last (loops over channels), and NCHW
-// (loops vectorised over a row's pixels). The forward runs output rows in parallel; the backward runs them
-// in blocks, even blocks then odd ones, so that no two threads scatter into the same rows of xp's gradient.
-// Weight gradients are summed in T per block of rows, then in double.
+// x~ is x padded as nn.Conv2d pads it, never built: a padded row or column maps to an input one, or to a
+// zero (`Problem::rows`, `cols`). xbar(i, j) is the mean of the sh x sw block of x~ whose top-left pixel is
+// the kernel centre (i*sh + dh*(kh-1)/2, j*sw + dw*(kw-1)/2), clipped at x~'s end.
+//
+// Tensors are contiguous in one layout. Three row kernels, chosen per call: channels_last with groups of
+// a multiple of 16 channels (the model's case: explicit vectors of 16 channels, P pixels at a time),
+// other channels_last (loops over channels), and NCHW (loops over a row's pixels). Pixels whose taps all
+// fall inside x ("direct") take the fast path; the border reads through the maps. The forward runs output
+// rows in parallel. The backward scatters into x's gradient: with zero padding it runs output rows in
+// blocks, even blocks then odd ones, so that no two threads write the same rows; with the other padding
+// modes (whose maps fold the border onto distant rows) one image per thread. Weight gradients are summed
+// in T per block of rows, then in double.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <mutex>
 #include <tuple>
 #include <type_traits>
@@ -29,6 +35,8 @@
 namespace {
 
 using at::Tensor;
+
+enum Mode : int64_t { ZEROS, REFLECT, REPLICATE, CIRCULAR };  // nn.Conv2d's padding modes
 
 template <typename T>
 inline void axpy(int64_t n, T a, const T* __restrict x, T* __restrict y) {
@@ -52,71 +60,123 @@ inline T total(int64_t n, const T* __restrict x) {
   return sum;
 }
 
-// Sizes, strides and weights of one call.
+// The input index that padded index `padded` reads along an axis, or -1 for a zero (as F.pad pads).
+int64_t source_index(int64_t padded, int64_t before, int64_t size, int64_t mode) {
+  int64_t s = padded - before;
+  if (s >= 0 && s < size) return s;
+  switch (mode) {
+    case ZEROS:
+      return -1;
+    case REFLECT:
+      s = s < 0 ? -s : 2 * (size - 1) - s;
+      break;
+    case REPLICATE:
+      s = s < 0 ? 0 : size - 1;
+      break;
+    default:
+      s = (s % size + size) % size;
+  }
+  TORCH_CHECK(s >= 0 && s < size, "padding: too large for the input in this padding mode");
+  return s;
+}
+
+// Sizes, maps and weights of one call.
 template <typename T>
 struct Problem {
-  int64_t B, C, Hp, Wp, Ho, Wo, kh, kw, sh, sw, dh, dw, G, R, K, GK, Cg, top, left;
+  int64_t B, C, H, W, Hp, Wp, Ho, Wo, kh, kw, sh, sw, dh, dw, G, R, K, GK, Cg, top, left, pad_top, pad_left,
+      mode;
   bool channels_last;
-  const T *xp, *wr, *br, *term, *ws, *bs, *bias;
+  const T *x, *wr, *br, *term, *ws, *bs, *bias;
+  std::vector<int64_t> rows, cols;  // padded row, column -> input row, column, or -1 (a zero)
+  // output columns whose taps and generator block all read x's columns at their padded index less the
+  // padding ("direct" columns; they are contiguous)
+  std::vector<char> col_direct;
 
-  // element offsets of pixel (b, y, x) channel c in xp (padded) and in out/grad (output-sized)
-  int64_t at_xp(int64_t b, int64_t c, int64_t y, int64_t x) const {
-    return channels_last ? ((b * Hp + y) * Wp + x) * C + c : ((b * C + c) * Hp + y) * Wp + x;
+  int64_t at_x(int64_t b, int64_t c, int64_t y, int64_t x) const {
+    return channels_last ? ((b * H + y) * W + x) * C + c : ((b * C + c) * H + y) * W + x;
   }
   int64_t at_out(int64_t b, int64_t c, int64_t y, int64_t x) const {
     return channels_last ? ((b * Ho + y) * Wo + x) * C + c : ((b * C + c) * Ho + y) * Wo + x;
   }
+  // offset in x of x~[b, c, py, px], or -1 where x~ is a padding zero
+  int64_t source(int64_t b, int64_t c, int64_t py, int64_t px) const {
+    int64_t y = rows[py], x = cols[px];
+    return (y < 0 || x < 0) ? -1 : at_x(b, c, y, x);
+  }
   int64_t tap_row(int64_t i, int64_t t) const { return i * sh + (t / kw) * dh; }
   int64_t tap_col(int64_t j, int64_t t) const { return j * sw + (t % kw) * dw; }
-  bool pointwise_generator() const { return sh == 1 && sw == 1; }  // xbar is one pixel of xp
-  // the generator's block for output (i, j): rows [r0, r1), columns [q0, q1) of xp
+  bool pointwise_generator() const { return sh == 1 && sw == 1; }  // xbar is one pixel of x~
+  // the generator's block for output (i, j): padded rows [r0, r1), columns [q0, q1)
   void block(int64_t i, int64_t j, int64_t& r0, int64_t& r1, int64_t& q0, int64_t& q1) const {
     r0 = i * sh + top, q0 = j * sw + left;
     r1 = std::min(r0 + sh, Hp), q1 = std::min(q0 + sw, Wp);
   }
-  // rows of xp that output row i touches (taps and generator block): [i*sh, i*sh + reach)
+  T block_scale(int64_t i, int64_t j) const {
+    int64_t r0, r1, q0, q1;
+    block(i, j, r0, r1, q0, q1);
+    return T(1) / T((r1 - r0) * (q1 - q0));
+  }
+  // padded rows that output row i touches (taps and generator block): [i*sh, i*sh + reach)
   int64_t reach() const { return std::max((kh - 1) * dh + 1, top + sh); }
   T term_at(int64_t r, int64_t i, int64_t j) const { return term ? term[(r * Ho + i) * Wo + j] : T(0); }
 };
 
+// whether every padded index in [from, to) maps to itself less `before` (an input index, not a zero's -1)
+bool direct(const std::vector<int64_t>& map, int64_t from, int64_t to, int64_t before) {
+  for (int64_t e = from; e < to; ++e)
+    if (map[e] < 0 || map[e] != e - before) return false;
+  return true;
+}
+
 template <typename T>
-Problem<T> problem(const Tensor& xp, const Tensor& wr, const Tensor& br, const c10::optional<Tensor>& term,
+Problem<T> problem(const Tensor& x, const Tensor& wr, const Tensor& br, const c10::optional<Tensor>& term,
                    const Tensor& ws, const Tensor& bs, const c10::optional<Tensor>& bias,
                    at::IntArrayRef geometry, bool channels_last) {
-  TORCH_CHECK(geometry.size() == 7, "geometry: expected [kh, kw, sh, sw, dh, dw, G]");
+  TORCH_CHECK(geometry.size() == 12, "geometry: expected [kh, kw, sh, sw, dh, dw, G, top, bottom, left, right, mode]");
   Problem<T> p;
   p.kh = geometry[0], p.kw = geometry[1], p.sh = geometry[2], p.sw = geometry[3];
-  p.dh = geometry[4], p.dw = geometry[5], p.G = geometry[6];
-  TORCH_CHECK(xp.dim() == 4, "xp: expected a 4-d tensor");
-  p.B = xp.size(0), p.C = xp.size(1), p.Hp = xp.size(2), p.Wp = xp.size(3);
-  TORCH_CHECK(std::min({p.kh, p.kw, p.sh, p.sw, p.dh, p.dw, p.G}) >= 1, "geometry: expected positive values");
+  p.dh = geometry[4], p.dw = geometry[5], p.G = geometry[6], p.pad_top = geometry[7], p.pad_left = geometry[9];
+  p.mode = geometry[11];
+  TORCH_CHECK(std::min({p.kh, p.kw, p.sh, p.sw, p.dh, p.dw, p.G}) >= 1 &&
+                  std::min({geometry[7], geometry[8], geometry[9], geometry[10]}) >= 0 && p.mode >= ZEROS &&
+                  p.mode <= CIRCULAR,
+              "geometry: out of range");
+  TORCH_CHECK(x.dim() == 4, "x: expected a 4-d tensor");
+  p.B = x.size(0), p.C = x.size(1), p.H = x.size(2), p.W = x.size(3);
+  TORCH_CHECK(p.H >= 1 && p.W >= 1, "x: expected a non-empty image");
+  p.Hp = p.H + geometry[7] + geometry[8], p.Wp = p.W + geometry[9] + geometry[10];
+  TORCH_CHECK(p.Hp >= p.dh * (p.kh - 1) + 1 && p.Wp >= p.dw * (p.kw - 1) + 1 && p.C % p.G == 0,
+              "x: smaller than the dilated kernel once padded, or channels not divisible by the groups");
   p.Ho = (p.Hp - p.dh * (p.kh - 1) - 1) / p.sh + 1, p.Wo = (p.Wp - p.dw * (p.kw - 1) - 1) / p.sw + 1;
   p.R = wr.size(0), p.K = p.kh * p.kw, p.GK = p.G * p.K, p.Cg = p.C / p.G;
   p.top = p.dh * (p.kh - 1) / 2, p.left = p.dw * (p.kw - 1) / 2;
   p.channels_last = channels_last;
   auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  TORCH_CHECK(xp.is_contiguous(format), "xp: expected a tensor contiguous in the given layout");
-  TORCH_CHECK(p.Hp >= p.dh * (p.kh - 1) + 1 && p.Wp >= p.dw * (p.kw - 1) + 1 && p.C % p.G == 0,
-              "xp: smaller than the dilated kernel, or channels not divisible by the groups");
+  TORCH_CHECK(x.is_contiguous(format), "x: expected a tensor contiguous in the given layout");
   TORCH_CHECK(wr.dim() == 2 && wr.size(1) == p.C && br.numel() == p.R, "wr, br: expected (R, C) and (R)");
   TORCH_CHECK(ws.dim() == 2 && ws.size(0) == p.GK && ws.size(1) == p.R && bs.numel() == p.GK,
               "ws, bs: expected (G*kh*kw, R) and (G*kh*kw)");
   for (const Tensor* t : {&wr, &br, &ws, &bs})
-    TORCH_CHECK(t->scalar_type() == xp.scalar_type() && t->is_contiguous(), "weights: expected xp's dtype");
-  p.xp = xp.data_ptr<T>(), p.wr = wr.data_ptr<T>(), p.br = br.data_ptr<T>();
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->is_contiguous(), "weights: expected x's dtype");
+  p.x = x.data_ptr<T>(), p.wr = wr.data_ptr<T>(), p.br = br.data_ptr<T>();
   p.ws = ws.data_ptr<T>(), p.bs = bs.data_ptr<T>();
   p.term = nullptr, p.bias = nullptr;
   if (term.has_value()) {
     TORCH_CHECK(term->sizes() == at::IntArrayRef({p.R, p.Ho, p.Wo}) && term->is_contiguous() &&
-                    term->scalar_type() == xp.scalar_type(),
-                "term: expected a contiguous (R, H_out, W_out) in xp's dtype");
+                    term->scalar_type() == x.scalar_type(),
+                "term: expected a contiguous (R, H_out, W_out) in x's dtype");
     p.term = term->data_ptr<T>();
   }
   if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == p.C && bias->is_contiguous() && bias->scalar_type() == xp.scalar_type(),
-                "bias: expected (C) in xp's dtype");
+    TORCH_CHECK(bias->numel() == p.C && bias->is_contiguous() && bias->scalar_type() == x.scalar_type(),
+                "bias: expected (C) in x's dtype");
     p.bias = bias->data_ptr<T>();
   }
+  for (int64_t e = 0; e < p.Hp; ++e) p.rows.push_back(source_index(e, p.pad_top, p.H, p.mode));
+  for (int64_t e = 0; e < p.Wp; ++e) p.cols.push_back(source_index(e, p.pad_left, p.W, p.mode));
+  const int64_t wide = std::max((p.kw - 1) * p.dw + 1, p.left + p.sw);  // padded columns a pixel touches
+  for (int64_t j = 0; j < p.Wo; ++j)
+    p.col_direct.push_back(direct(p.cols, j * p.sw, std::min(j * p.sw + wide, p.Wp), p.pad_left));
   return p;
 }
 
@@ -151,7 +211,7 @@ struct Sums {
 template <typename T>
 struct LoopNHWC {
   const Problem<T>& p;
-  std::vector<T> xbar, pre, k, scratch;  // per row: Wo x C (strided only), Wo x R (before the ReLU), Wo x GK
+  std::vector<T> xbar, pre, k, scratch;  // per row: Wo x C, Wo x R (before the ReLU), Wo x GK
   std::vector<T> wrt, wst;               // wr transposed (C x R), ws transposed (R x GK)
   Sums<T> sums;
 
@@ -162,21 +222,15 @@ struct LoopNHWC {
       for (int64_t t = 0; t < p.GK; ++t) wst[r * p.GK + t] = p.ws[t * p.R + r];
     }
   }
-  const T* xb(int64_t b, int64_t i, int64_t j) const {
-    return p.pointwise_generator() ? p.xp + p.at_xp(b, 0, i + p.top, j + p.left) : xbar.data() + j * p.C;
-  }
   void generate(int64_t b, int64_t i) {
-    xbar.assign(p.pointwise_generator() ? 0 : p.Wo * p.C, T(0)), pre.resize(p.Wo * p.R);
-    k.resize(p.Wo * p.GK);
+    xbar.assign(p.Wo * p.C, T(0)), pre.resize(p.Wo * p.R), k.resize(p.Wo * p.GK);
     for (int64_t j = 0; j < p.Wo; ++j) {
-      if (!p.pointwise_generator()) {
-        int64_t r0, r1, q0, q1;
-        p.block(i, j, r0, r1, q0, q1);
-        T scale = T(1) / T((r1 - r0) * (q1 - q0));
-        for (int64_t y = r0; y < r1; ++y)
-          for (int64_t x = q0; x < q1; ++x) axpy(p.C, scale, p.xp + p.at_xp(b, 0, y, x), xbar.data() + j * p.C);
-      }
-      const T* x = xb(b, i, j);
+      T* x = xbar.data() + j * p.C;
+      int64_t r0, r1, q0, q1;
+      p.block(i, j, r0, r1, q0, q1);
+      for (int64_t y = r0; y < r1; ++y)
+        for (int64_t z = q0; z < q1; ++z)
+          if (int64_t at = p.source(b, 0, y, z); at >= 0) axpy(p.C, p.block_scale(i, j), p.x + at, x);
       T* h = pre.data() + j * p.R;
       for (int64_t r = 0; r < p.R; ++r) h[r] = p.br[r] + p.term_at(r, i, j);
       for (int64_t c = 0; c < p.C; ++c) axpy(p.R, x[c], wrt.data() + c * p.R, h);
@@ -186,19 +240,19 @@ struct LoopNHWC {
         if (h[r] > 0) axpy(p.GK, h[r], wst.data() + r * p.GK, kj);
     }
   }
+  int64_t tap(int64_t b, int64_t i, int64_t j, int64_t t) const {
+    return p.source(b, (t / p.K) * p.Cg, p.tap_row(i, t % p.K), p.tap_col(j, t % p.K));
+  }
   void forward(int64_t b, int64_t i, T* out) {
     generate(b, i);
     for (int64_t j = 0; j < p.Wo; ++j) {
       T* o = out + p.at_out(b, 0, i, j);
       for (int64_t c = 0; c < p.C; ++c) o[c] = p.bias ? p.bias[c] : T(0);
-      for (int64_t t = 0; t < p.GK; ++t) {
-        int64_t g = t / p.K, tap = t % p.K;
-        axpy(p.Cg, k[j * p.GK + t], p.xp + p.at_xp(b, g * p.Cg, p.tap_row(i, tap), p.tap_col(j, tap)),
-             o + g * p.Cg);
-      }
+      for (int64_t t = 0; t < p.GK; ++t)
+        if (int64_t at = tap(b, i, j, t); at >= 0) axpy(p.Cg, k[j * p.GK + t], p.x + at, o + (t / p.K) * p.Cg);
     }
   }
-  void backward(int64_t b, int64_t i, const T* grad, T* gxp, T* dterm) {
+  void backward(int64_t b, int64_t i, const T* grad, T* gx, T* dterm) {
     generate(b, i);
     const int64_t C = p.C, R = p.R, GK = p.GK, Cg = p.Cg;
     scratch.resize(GK + R + C);
@@ -206,9 +260,10 @@ struct LoopNHWC {
     for (int64_t j = 0; j < p.Wo; ++j) {
       const T* gj = grad + p.at_out(b, 0, i, j);
       for (int64_t t = 0; t < GK; ++t) {
-        int64_t g = t / p.K, tap = t % p.K, at = p.at_xp(b, g * Cg, p.tap_row(i, tap), p.tap_col(j, tap));
-        dk[t] = dot(Cg, gj + g * Cg, p.xp + at);
-        axpy(Cg, k[j * GK + t], gj + g * Cg, gxp + at);
+        int64_t at = tap(b, i, j, t);
+        const T* gg = gj + (t / p.K) * Cg;
+        dk[t] = at >= 0 ? dot(Cg, gg, p.x + at) : T(0);
+        if (at >= 0) axpy(Cg, k[j * GK + t], gg, gx + at);
       }
       axpy(C, T(1), gj, sums.bias.data());
       axpy(GK, T(1), dk, sums.bs.data());
@@ -220,7 +275,7 @@ struct LoopNHWC {
       if (dterm)
         for (int64_t r = 0; r < R; ++r) dterm[((b * R + r) * p.Ho + i) * p.Wo + j] = dpre[r];
       axpy(R, T(1), dpre, sums.br.data());
-      const T* x = xb(b, i, j);
+      const T* x = xbar.data() + j * C;
       std::fill(dxb, dxb + C, T(0));
       for (int64_t r = 0; r < R; ++r) {
         axpy(C, dpre[r], x, sums.wr.data() + r * C);
@@ -228,9 +283,9 @@ struct LoopNHWC {
       }
       int64_t r0, r1, q0, q1;
       p.block(i, j, r0, r1, q0, q1);
-      T scale = T(1) / T((r1 - r0) * (q1 - q0));
       for (int64_t y = r0; y < r1; ++y)
-        for (int64_t x = q0; x < q1; ++x) axpy(C, scale, dxb, gxp + p.at_xp(b, 0, y, x));
+        for (int64_t z = q0; z < q1; ++z)
+          if (int64_t at = p.source(b, 0, y, z); at >= 0) axpy(C, p.block_scale(i, j), dxb, gx + at);
     }
   }
   void flush(Totals& totals) { sums.flush(totals); }
@@ -239,7 +294,7 @@ struct LoopNHWC {
 // ---- channels_last, groups of 16*m channels: explicit vectors of 16 channels ----
 
 constexpr int64_t L = 16;  // lanes of a vector: one group of 16 channels
-constexpr int P = 4;       // pixels per pass, for independent chains of multiply-adds
+constexpr int P = 4;       // pixels per pass: independent chains of multiply-adds, weights loaded once
 inline int64_t lanes_for(int64_t n) { return (n + L - 1) / L * L; }
 
 template <typename T>
@@ -258,7 +313,8 @@ using Vec = typename Lanes<T>::V;
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, typename Lanes<T>::Mask{__VA_ARGS__})
 #endif
 
-// (not memcpy: a vector type aliases only its element type, so other loads need not be repeated after a store)
+// (not memcpy: a vector type aliases only its element type, so other loads need not be repeated after a
+// store)
 template <typename T>
 inline Vec<T> load(const T* from) {
   return *reinterpret_cast<const typename Lanes<T>::Unaligned*>(from);
@@ -289,10 +345,9 @@ inline Vec<T> totals(Vec<T> (&v)[L]) {
          SHUFFLE(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-// out[a*width + e] += sum over n of left[n*step + a] * right[n*width + e], for a < rows, e < width (lanes)
-template <typename T>
-void accumulate_outer(int64_t count, int64_t rows, const T* left, int64_t step, const T* right, int64_t width,
-                      T* out) {
+// out[a*width + e] += sum over n of left(n, a) * right[n*width + e], for a < rows, e < width (whole vectors)
+template <typename T, typename Left>
+void accumulate_outer(int64_t count, int64_t rows, Left left, const T* right, int64_t width, T* out) {
   constexpr int64_t A = 8;  // rows per pass: A accumulators per vector of `right`
   for (int64_t e = 0; e < width; e += L) {
     int64_t a = 0;
@@ -301,13 +356,13 @@ void accumulate_outer(int64_t count, int64_t rows, const T* left, int64_t step, 
       for (int64_t q = 0; q < A; ++q) acc[q] = load(out + (a + q) * width + e);
       for (int64_t n = 0; n < count; ++n) {
         Vec<T> r = load(right + n * width + e);
-        for (int64_t q = 0; q < A; ++q) acc[q] += left[n * step + a + q] * r;
+        for (int64_t q = 0; q < A; ++q) acc[q] += left(n, a + q) * r;
       }
       for (int64_t q = 0; q < A; ++q) store(out + (a + q) * width + e, acc[q]);
     }
     for (; a < rows; ++a) {
       Vec<T> acc = load(out + a * width + e);
-      for (int64_t n = 0; n < count; ++n) acc += left[n * step + a] * load(right + n * width + e);
+      for (int64_t n = 0; n < count; ++n) acc += left(n, a) * load(right + n * width + e);
       store(out + a * width + e, acc);
     }
   }
@@ -317,20 +372,28 @@ template <typename T>
 struct VecNHWC {
   using V = Vec<T>;
   const Problem<T>& p;
-  const int64_t RP, GKP, M;  // R and GK padded to whole vectors; vectors per group
+  const int64_t RP, GKP, WP, M;  // R and GK padded to whole vectors; Wo with a vector's room; vectors per group
   // weights, zero-padded: wr transposed (C x RP), br (RP), ws transposed (R x GKP), bs (GKP), ws (GK x RP)
   std::vector<T> wrt, br, wst, bs, wsp;
-  std::vector<int64_t> taps, groups;  // kernel t of the GK: its tap's offset in xp + its group's first
-                                      // channel; that channel
-  // per row: xbar (Wo x C, strided only), pre-ReLU and ReLU (Wo x RP), kernels and their gradients
-  // (Wo x GKP), the pre-ReLU gradient (Wo x RP)
-  std::vector<T> xbar, pre, h, k, dk, dpre;
-  // gradient sums of the rows so far: wr transposed (C x RP), br (RP), ws transposed (R x GKP), bs, bias
-  std::vector<T> swrt, sbr, swst, sbs, sbias;
+  std::vector<int64_t> groups;  // kernel t of the GK: its group's first channel
+  // per row: where kernel t's tap of pixel j is in x, row[t] + j*sw*C for a direct column j (row[t] may
+  // be negative); NONE for a padding row of zeros
+  static constexpr int64_t NONE = std::numeric_limits<int64_t>::min();
+  std::vector<int64_t> row;
+  // per row: xbar where it is not a pixel of x (Wo x C), pre-ReLU and ReLU (Wo x RP), kernels (Wo x GKP),
+  // their gradients transposed (GK x WP), the pre-ReLU gradient (Wo x RP); where each pixel's xbar is
+  std::vector<T> xbar, pre, h, k, dkt, dpre;
+  std::vector<const T*> xbars;
+  // gradient sums of the rows so far: wr transposed (C x RP), br (RP), ws (GK x RP), bs, bias
+  std::vector<T> swrt, sbr, sws, sbs, sbias;
 
   explicit VecNHWC(const Problem<T>& problem)
-      : p(problem), RP(lanes_for(problem.R)), GKP(lanes_for(problem.GK)), M(problem.Cg / L) {
-    const int64_t C = p.C, R = p.R, GK = p.GK;
+      : p(problem),
+        RP(lanes_for(problem.R)),
+        GKP(lanes_for(problem.GK)),
+        WP(problem.Wo + L),
+        M(problem.Cg / L) {
+    const int64_t C = p.C, R = p.R, GK = p.GK, Wo = p.Wo;
     wrt.assign(C * RP, T(0)), br.assign(RP, T(0)), wst.assign(R * GKP, T(0)), bs.assign(GKP, T(0));
     wsp.assign(GK * RP, T(0));
     for (int64_t r = 0; r < R; ++r) {
@@ -339,39 +402,46 @@ struct VecNHWC {
       for (int64_t t = 0; t < GK; ++t) wst[r * GKP + t] = wsp[t * RP + r] = p.ws[t * R + r];
     }
     std::copy(p.bs, p.bs + GK, bs.begin());
-    for (int64_t t = 0; t < GK; ++t) {
-      groups.push_back((t / p.K) * p.Cg);
-      taps.push_back(p.at_xp(0, groups.back(), p.tap_row(0, t % p.K), p.tap_col(0, t % p.K)));
-    }
-    pre.resize(p.Wo * RP), h.resize(p.Wo * RP), k.resize(p.Wo * GKP), dpre.resize(p.Wo * RP);
-    dk.assign(p.Wo * GKP, T(0));  // lanes past GK stay zero
-    xbar.resize(p.pointwise_generator() ? 0 : p.Wo * C);
-    swrt.assign(C * RP, T(0)), sbr.assign(RP, T(0)), swst.assign(R * GKP, T(0)), sbs.assign(GKP, T(0));
+    for (int64_t t = 0; t < GK; ++t) groups.push_back((t / p.K) * p.Cg);
+    row.resize(GK);
+    xbar.resize(Wo * C), pre.resize(Wo * RP), h.resize(Wo * RP), k.resize(Wo * GKP), dpre.resize(Wo * RP);
+    dkt.resize(GK * WP), xbars.resize(Wo);
+    swrt.assign(C * RP, T(0)), sbr.assign(RP, T(0)), sws.assign(GK * RP, T(0)), sbs.assign(GK, T(0));
     sbias.assign(C, T(0));
   }
 
-  const T* window(int64_t b, int64_t i, int64_t j) const { return p.xp + p.at_xp(b, 0, i * p.sh, j * p.sw); }
-  const T* xb(int64_t b, int64_t i, int64_t j) const {
-    return p.pointwise_generator() ? p.xp + p.at_xp(b, 0, i + p.top, j + p.left) : xbar.data() + j * p.C;
+  bool direct(int64_t j) const { return p.col_direct[j]; }
+
+  // row: the taps' rows of output row i, through the padding map
+  void locate_taps(int64_t b, int64_t i) {
+    for (int64_t t = 0; t < p.GK; ++t) {
+      int64_t y = p.rows[p.tap_row(i, t % p.K)];
+      row[t] = y < 0 ? NONE : p.at_x(b, groups[t], y, 0) + (p.tap_col(0, t % p.K) - p.pad_left) * p.C;
+    }
   }
 
-  void mean_block(int64_t b, int64_t i, int64_t j) {
+  // where xbar of pixel (i, j) is: the pixel of x under the kernel centre, or its block's mean in `xbar`
+  const T* locate_xbar(int64_t b, int64_t i, int64_t j) {
+    if (p.pointwise_generator() && direct(j) && p.rows[i + p.top] >= 0)
+      return p.x + p.at_x(b, 0, p.rows[i + p.top], j + p.left - p.pad_left);
+    T* mean = xbar.data() + j * p.C;
+    T scale = p.block_scale(i, j);
     int64_t r0, r1, q0, q1;
     p.block(i, j, r0, r1, q0, q1);
-    T scale = T(1) / T((r1 - r0) * (q1 - q0));
     for (int64_t e = 0; e < p.C; e += L) {
       V sum{};
       for (int64_t y = r0; y < r1; ++y)
-        for (int64_t x = q0; x < q1; ++x) sum += load(p.xp + p.at_xp(b, e, y, x));
-      store(xbar.data() + j * p.C + e, sum * scale);
+        for (int64_t z = q0; z < q1; ++z)
+          if (int64_t at = p.source(b, e, y, z); at >= 0) sum += load(p.x + at);
+      store(mean + e, sum * scale);
     }
+    return mean;
   }
 
   // pre, h and k of pixels j, ..., j + N - 1
   template <int N>
-  void generate_pixels(int64_t b, int64_t i, int64_t j) {
-    const T* x[N];
-    for (int q = 0; q < N; ++q) x[q] = xb(b, i, j + q);
+  void generate_pixels(int64_t i, int64_t j) {
+    const T* const* x = xbars.data() + j;
     for (int64_t e = 0; e < RP; e += L) {
       V acc[N];
       for (int q = 0; q < N; ++q) acc[q] = load(br.data() + e);
@@ -399,69 +469,110 @@ struct VecNHWC {
   }
 
   void generate(int64_t b, int64_t i) {
-    if (!p.pointwise_generator())
-      for (int64_t j = 0; j < p.Wo; ++j) mean_block(b, i, j);
+    locate_taps(b, i);
+    for (int64_t j = 0; j < p.Wo; ++j) xbars[j] = locate_xbar(b, i, j);
     int64_t j = 0;
-    for (; j + P <= p.Wo; j += P) generate_pixels<P>(b, i, j);
-    for (; j < p.Wo; ++j) generate_pixels<1>(b, i, j);
+    for (; j + P <= p.Wo; j += P) generate_pixels<P>(i, j);
+    for (; j < p.Wo; ++j) generate_pixels<1>(i, j);
   }
 
+  // the output of N pixels in direct columns from j
   template <int N>
   void aggregate_pixels(int64_t b, int64_t i, int64_t j, T* out) {
-    const T* w[N];
-    for (int q = 0; q < N; ++q) w[q] = window(b, i, j + q);
+    const int64_t step = p.sw * p.C;
     for (int64_t c = 0; c < p.C; c += L) {
       int64_t g = c / p.Cg;
       V acc[N];
       for (int q = 0; q < N; ++q) acc[q] = p.bias ? load(p.bias + c) : V{};
       for (int64_t t = g * p.K; t < (g + 1) * p.K; ++t) {
-        int64_t at = taps[t] + c - g * p.Cg;
-        for (int q = 0; q < N; ++q) acc[q] += k[(j + q) * GKP + t] * load(w[q] + at);
+        if (row[t] == NONE) continue;
+        const T* x = p.x + (row[t] + j * step + c - groups[t]);
+        for (int q = 0; q < N; ++q) acc[q] += k[(j + q) * GKP + t] * load(x + q * step);
       }
       for (int q = 0; q < N; ++q) store(out + p.at_out(b, c, i, j + q), acc[q]);
     }
   }
 
-  void forward(int64_t b, int64_t i, T* out) {
-    generate(b, i);
-    int64_t j = 0;
-    for (; j + P <= p.Wo; j += P) aggregate_pixels<P>(b, i, j, out);
-    for (; j < p.Wo; ++j) aggregate_pixels<1>(b, i, j, out);
-  }
-
-  // dk of pixel j (its kernels' gradients), and the aggregation's share of xp's gradient
-  void kernel_gradients(int64_t b, int64_t i, int64_t j, const T* grad, T* gxp) {
-    const T* x = window(b, i, j);
-    T* gx = gxp + (x - p.xp);
-    const T *gj = grad + p.at_out(b, 0, i, j), *kj = k.data() + j * GKP;
-    const int64_t GK = p.GK, vectors = M;
-    const int64_t *tap = taps.data(), *group = groups.data();
-    for (int64_t t0 = 0; t0 < GK; t0 += L) {
-      V parts[L];
-      for (int64_t q = 0; q < L; ++q) {
-        int64_t t = t0 + q;
-        parts[q] = V{};
-        if (t >= GK) continue;
-        for (int64_t m = 0; m < vectors; ++m) {
-          int64_t at = tap[t] + m * L;
-          V gv = load(gj + group[t] + m * L);
-          parts[q] += gv * load(x + at);
-          store(gx + at, load(gx + at) + kj[t] * gv);
-        }
-      }
-      store(dk.data() + j * GKP + t0, totals<T>(parts));
+  // the output of a pixel in a border column, through the padding maps
+  void aggregate_border(int64_t b, int64_t i, int64_t j, T* out) {
+    for (int64_t c = 0; c < p.C; c += L) {
+      int64_t g = c / p.Cg;
+      V acc = p.bias ? load(p.bias + c) : V{};
+      for (int64_t t = g * p.K; t < (g + 1) * p.K; ++t)
+        if (int64_t at = p.source(b, c, p.tap_row(i, t % p.K), p.tap_col(j, t % p.K)); at >= 0)
+          acc += k[j * GKP + t] * load(p.x + at);
+      store(out + p.at_out(b, c, i, j), acc);
     }
   }
 
-  // dpre of pixels j, ..., j + N - 1 (from dk), and the generator's share of xp's gradient
+  void forward(int64_t b, int64_t i, T* out) {
+    generate(b, i);
+    for (int64_t j = 0; j < p.Wo;) {
+      if (j + P <= p.Wo && direct(j) && direct(j + P - 1)) {  // (direct columns are contiguous)
+        aggregate_pixels<P>(b, i, j, out);
+        j += P;
+      } else {
+        if (direct(j))
+          aggregate_pixels<1>(b, i, j, out);
+        else
+          aggregate_border(b, i, j, out);
+        ++j;
+      }
+    }
+  }
+
+  // The kernels' gradients of n <= L pixels in direct columns from j (dkt's columns j, ...), and the
+  // aggregation's share of x's gradient. Tap by tap: a tree sums the pixels' products at once, and their
+  // shares go to n different places (no pixel waits on the previous one's store).
+  void kernel_gradients_tile(int64_t b, int64_t i, int64_t j, int64_t n, const T* grad, T* gx) {
+    const T* g = grad + p.at_out(b, 0, i, j);
+    const int64_t C = p.C, step = p.sw * C, vectors = M;
+    for (int64_t t = 0; t < p.GK; ++t) {
+      V parts[L] = {};
+      if (row[t] != NONE) {
+        const int64_t group = groups[t], at = row[t] + j * step;
+        for (int64_t q = 0; q < n; ++q) {
+          const T kt = k[(j + q) * GKP + t];
+          for (int64_t m = 0; m < vectors; ++m) {
+            int64_t e = at + q * step + m * L;
+            V gv = load(g + q * C + group + m * L);
+            parts[q] += gv * load(p.x + e);
+            store(gx + e, load(gx + e) + kt * gv);
+          }
+        }
+      }
+      store(dkt.data() + t * WP + j, totals<T>(parts));  // (dkt has room for a whole vector)
+    }
+  }
+
+  // the same for a pixel in a border column, through the padding maps
+  void kernel_gradients_border(int64_t b, int64_t i, int64_t j, const T* grad, T* gx) {
+    const T *gj = grad + p.at_out(b, 0, i, j), *kj = k.data() + j * GKP;
+    for (int64_t t0 = 0; t0 < p.GK; t0 += L) {
+      V parts[L] = {};
+      for (int64_t q = 0; q < L && t0 + q < p.GK; ++q) {
+        int64_t t = t0 + q, at = p.source(b, groups[t], p.tap_row(i, t % p.K), p.tap_col(j, t % p.K));
+        if (at < 0) continue;
+        for (int64_t m = 0; m < M; ++m) {
+          V gv = load(gj + groups[t] + m * L);
+          parts[q] += gv * load(p.x + at + m * L);
+          store(gx + at + m * L, load(gx + at + m * L) + kj[t] * gv);
+        }
+      }
+      V sums = totals<T>(parts);
+      for (int64_t q = 0; q < L && t0 + q < p.GK; ++q) dkt[(t0 + q) * WP + j] = sums[q];
+    }
+  }
+
+  // dpre of pixels j, ..., j + N - 1 (from dk), and the generator's share of x's gradient
   template <int N>
-  void generator_gradients(int64_t b, int64_t i, int64_t j, T* gxp, T* dterm) {
+  void generator_gradients(int64_t b, int64_t i, int64_t j, T* gx, T* dterm) {
     const int64_t C = p.C, R = p.R, GK = p.GK;
     for (int64_t e = 0; e < RP; e += L) {
       V acc[N] = {};
       for (int64_t t = 0; t < GK; ++t) {
         V w = load(wsp.data() + t * RP + e);
-        for (int q = 0; q < N; ++q) acc[q] += dk[(j + q) * GKP + t] * w;
+        for (int q = 0; q < N; ++q) acc[q] += dkt[t * WP + j + q] * w;
       }
       for (int q = 0; q < N; ++q) {
         V positive = load(pre.data() + (j + q) * RP + e) > T(0) ? acc[q] : V{};
@@ -478,28 +589,40 @@ struct VecNHWC {
         for (int q = 0; q < N; ++q) acc[q] += dpre[(j + q) * RP + r] * w;
       }
       for (int q = 0; q < N; ++q) {
+        if (xbars[j + q] != xbar.data() + (j + q) * C) {  // xbar is a pixel of x
+          T* to = gx + (xbars[j + q] - p.x) + e;
+          store(to, load(to) + acc[q]);
+          continue;
+        }
         int64_t r0, r1, q0, q1;
         p.block(i, j + q, r0, r1, q0, q1);
-        V share = acc[q] * (T(1) / T((r1 - r0) * (q1 - q0)));
+        V share = acc[q] * p.block_scale(i, j + q);
         for (int64_t y = r0; y < r1; ++y)
-          for (int64_t x = q0; x < q1; ++x) {
-            T* to = gxp + p.at_xp(b, e, y, x);
-            store(to, load(to) + share);
-          }
+          for (int64_t z = q0; z < q1; ++z)
+            if (int64_t at = p.source(b, e, y, z); at >= 0) store(gx + at, load(gx + at) + share);
       }
     }
   }
 
-  void backward(int64_t b, int64_t i, const T* grad, T* gxp, T* dterm) {
+  void backward(int64_t b, int64_t i, const T* grad, T* gx, T* dterm) {
     generate(b, i);
     const int64_t C = p.C, R = p.R, Wo = p.Wo;
-    for (int64_t j = 0; j < Wo; ++j) kernel_gradients(b, i, j, grad, gxp);
+    for (int64_t j = 0; j < Wo;) {
+      int64_t n = 0;  // direct columns from j, at most L (they are contiguous)
+      while (n < L && j + n < Wo && direct(j + n)) ++n;
+      if (n) {
+        kernel_gradients_tile(b, i, j, n, grad, gx);
+        j += n;
+      } else {
+        kernel_gradients_border(b, i, j++, grad, gx);
+      }
+    }
     int64_t j = 0;
-    for (; j + P <= Wo; j += P) generator_gradients<P>(b, i, j, gxp, dterm);
-    for (; j < Wo; ++j) generator_gradients<1>(b, i, j, gxp, dterm);
+    for (; j + P <= Wo; j += P) generator_gradients<P>(b, i, j, gx, dterm);
+    for (; j < Wo; ++j) generator_gradients<1>(b, i, j, gx, dterm);
     // the row's weight gradients: sums over its pixels of outer products
-    accumulate_outer(Wo, C, xb(b, i, 0), C, dpre.data(), RP, swrt.data());  // xbar: C apart (sw = 1)
-    accumulate_outer(Wo, R, h.data(), RP, dk.data(), GKP, swst.data());
+    accumulate_outer(Wo, C, [&](int64_t n, int64_t a) { return xbars[n][a]; }, dpre.data(), RP, swrt.data());
+    accumulate_outer(Wo, p.GK, [&](int64_t n, int64_t a) { return dkt[a * WP + n]; }, h.data(), RP, sws.data());
     const T* g0 = grad + p.at_out(b, 0, i, 0);
     for (int64_t e = 0; e < C; e += L) {
       V acc = load(sbias.data() + e);
@@ -511,11 +634,7 @@ struct VecNHWC {
       for (int64_t j = 0; j < Wo; ++j) acc += load(dpre.data() + j * RP + e);
       store(sbr.data() + e, acc);
     }
-    for (int64_t e = 0; e < GKP; e += L) {
-      V acc = load(sbs.data() + e);
-      for (int64_t j = 0; j < Wo; ++j) acc += load(dk.data() + j * GKP + e);
-      store(sbs.data() + e, acc);
-    }
+    for (int64_t t = 0; t < p.GK; ++t) sbs[t] += total(Wo, dkt.data() + t * WP);
   }
 
   void flush(Totals& totals) {
@@ -523,11 +642,11 @@ struct VecNHWC {
     for (int64_t r = 0; r < R; ++r) {
       totals.br[r] += sbr[r];
       for (int64_t c = 0; c < C; ++c) totals.wr[r * C + c] += swrt[c * RP + r];
-      for (int64_t t = 0; t < GK; ++t) totals.ws[r * GK + t] += swst[r * GKP + t];
+      for (int64_t t = 0; t < GK; ++t) totals.ws[r * GK + t] += sws[t * RP + r];
     }
     for (int64_t t = 0; t < GK; ++t) totals.bs[t] += sbs[t];
     for (int64_t c = 0; c < C; ++c) totals.bias[c] += sbias[c];
-    for (auto* v : {&swrt, &sbr, &swst, &sbs, &sbias}) std::fill(v->begin(), v->end(), T(0));
+    for (auto* v : {&swrt, &sbr, &sws, &sbs, &sbias}) std::fill(v->begin(), v->end(), T(0));
   }
 };
 
@@ -536,33 +655,53 @@ struct VecNHWC {
 template <typename T>
 struct LoopNCHW {
   const Problem<T>& p;
-  std::vector<T> xbar, pre, k, scratch;  // per row: C x Wo (strided only), R x Wo (before the ReLU), GK x Wo
+  std::vector<T> xbar, pre, k, scratch;  // per row: C x Wo, R x Wo (before the ReLU), GK x Wo
+  int64_t first, end;                    // the direct columns [first, end)
   Sums<T> sums;
 
-  explicit LoopNCHW(const Problem<T>& problem) : p(problem), sums(problem) {}
-  const T* xb(int64_t b, int64_t i, int64_t c) const {
-    return p.pointwise_generator() ? p.xp + p.at_xp(b, c, i + p.top, p.left) : xbar.data() + c * p.Wo;
+  explicit LoopNCHW(const Problem<T>& problem) : p(problem), sums(problem) {
+    auto found = std::find(p.col_direct.begin(), p.col_direct.end(), 1);
+    first = found - p.col_direct.begin();
+    end = first + std::count(p.col_direct.begin(), p.col_direct.end(), 1);  // (they are contiguous)
+  }
+  // the pixels j whose padded column j*sw + column is inside x~: [0, stop)
+  int64_t stop(int64_t column) const { return std::min(p.Wo, (p.Wp - column + p.sw - 1) / p.sw); }
+  // f(j, offset in x of x~[b, c, row, j*sw + column]) for the border pixels j where that is not a zero
+  template <typename F>
+  void along_border(int64_t b, int64_t c, int64_t row, int64_t column, F f) const {
+    int64_t y = p.rows[row];
+    if (y < 0) return;
+    const int64_t base = p.at_x(b, c, y, 0), last = stop(column);
+    for (int64_t j = 0; j < std::min(first, last); ++j)
+      if (int64_t x = p.cols[j * p.sw + column]; x >= 0) f(j, base + x);
+    for (int64_t j = end; j < last; ++j)
+      if (int64_t x = p.cols[j * p.sw + column]; x >= 0) f(j, base + x);
+  }
+  // where x~[b, c, row, first*sw + column] is in x, for the direct pixels j >= first (at (j - first)*sw
+  // further); -1 for a zero row or no direct pixel
+  int64_t direct_row(int64_t b, int64_t c, int64_t row, int64_t column) const {
+    if (p.rows[row] < 0 || first == end) return -1;
+    return p.at_x(b, c, p.rows[row], first * p.sw + column - p.pad_left);
   }
   void generate(int64_t b, int64_t i) {
     const int64_t Wo = p.Wo;
-    xbar.resize(p.pointwise_generator() ? 0 : p.C * Wo), pre.resize(p.R * Wo), k.resize(p.GK * Wo);
-    if (!p.pointwise_generator()) {
-      for (int64_t j = 0; j < Wo; ++j) {
-        int64_t r0, r1, q0, q1;
-        p.block(i, j, r0, r1, q0, q1);
-        T scale = T(1) / T((r1 - r0) * (q1 - q0));
-        for (int64_t c = 0; c < p.C; ++c) {
-          T sum = 0;
-          for (int64_t y = r0; y < r1; ++y)
-            for (int64_t x = q0; x < q1; ++x) sum += p.xp[p.at_xp(b, c, y, x)];
-          xbar[c * Wo + j] = sum * scale;
+    xbar.assign(p.C * Wo, T(0)), pre.resize(p.R * Wo), k.resize(p.GK * Wo);
+    int64_t r0, r1, q0, q1;
+    p.block(i, 0, r0, r1, q0, q1);
+    for (int64_t c = 0; c < p.C; ++c) {
+      T* mean = xbar.data() + c * Wo;
+      for (int64_t y = r0; y < r1; ++y)
+        for (int64_t column = p.left; column < p.left + p.sw; ++column) {  // pixel j's: j*sw + column
+          along_border(b, c, y, column, [&](int64_t j, int64_t at) { mean[j] += p.x[at]; });
+          if (int64_t at = direct_row(b, c, y, column); at >= 0)
+            for (int64_t j = first; j < std::min(end, stop(column)); ++j) mean[j] += p.x[at + (j - first) * p.sw];
         }
-      }
+      for (int64_t j = 0; j < Wo; ++j) mean[j] *= p.block_scale(i, j);
     }
     for (int64_t r = 0; r < p.R; ++r) {
       T* h = pre.data() + r * Wo;
       for (int64_t j = 0; j < Wo; ++j) h[j] = p.br[r] + p.term_at(r, i, j);
-      for (int64_t c = 0; c < p.C; ++c) axpy(Wo, p.wr[r * p.C + c], xb(b, i, c), h);
+      for (int64_t c = 0; c < p.C; ++c) axpy(Wo, p.wr[r * p.C + c], xbar.data() + c * Wo, h);
     }
     for (int64_t t = 0; t < p.GK; ++t) {
       T* kt = k.data() + t * Wo;
@@ -577,24 +716,28 @@ struct LoopNCHW {
   }
   void forward(int64_t b, int64_t i, T* out) {
     generate(b, i);
-    const int64_t Wo = p.Wo, sw = p.sw;
+    const int64_t sw = p.sw;
     for (int64_t c = 0; c < p.C; ++c) {
       T* __restrict o = out + p.at_out(b, c, i, 0);
-      std::fill(o, o + Wo, p.bias ? p.bias[c] : T(0));
+      std::fill(o, o + p.Wo, p.bias ? p.bias[c] : T(0));
       const int64_t g = c / p.Cg;
       for (int64_t t = 0; t < p.K; ++t) {
-        const T* __restrict kt = k.data() + (g * p.K + t) * Wo;
-        const T* __restrict x = p.xp + p.at_xp(b, c, p.tap_row(i, t), p.tap_col(0, t));
+        const T* __restrict kt = k.data() + (g * p.K + t) * p.Wo;
+        int64_t row = p.tap_row(i, t), column = p.tap_col(0, t);
+        along_border(b, c, row, column, [&](int64_t j, int64_t at) { o[j] += kt[j] * p.x[at]; });
+        int64_t at = direct_row(b, c, row, column);
+        if (at < 0) continue;
+        const T* __restrict x = p.x + at;
         if (sw == 1) {
 #pragma omp simd
-          for (int64_t j = 0; j < Wo; ++j) o[j] += kt[j] * x[j];
+          for (int64_t j = first; j < end; ++j) o[j] += kt[j] * x[j - first];
         } else {
-          for (int64_t j = 0; j < Wo; ++j) o[j] += kt[j] * x[j * sw];
+          for (int64_t j = first; j < end; ++j) o[j] += kt[j] * x[(j - first) * sw];
         }
       }
     }
   }
-  void backward(int64_t b, int64_t i, const T* grad, T* gxp, T* dterm) {
+  void backward(int64_t b, int64_t i, const T* grad, T* gx, T* dterm) {
     generate(b, i);
     const int64_t Wo = p.Wo, sw = p.sw, R = p.R;
     scratch.assign((p.GK + R + 1) * Wo, T(0));
@@ -604,21 +747,27 @@ struct LoopNCHW {
       sums.bias[c] += total(Wo, gc);
       const int64_t g = c / p.Cg;
       for (int64_t t = 0; t < p.K; ++t) {
-        int64_t at = p.at_xp(b, c, p.tap_row(i, t), p.tap_col(0, t));
-        const T* __restrict x = p.xp + at;
-        T* __restrict gx = gxp + at;
         const T* __restrict kt = k.data() + (g * p.K + t) * Wo;
         T* __restrict dkt = dk + (g * p.K + t) * Wo;
+        int64_t row = p.tap_row(i, t), column = p.tap_col(0, t);
+        along_border(b, c, row, column, [&](int64_t j, int64_t at) {
+          dkt[j] += gc[j] * p.x[at];
+          gx[at] += kt[j] * gc[j];
+        });
+        int64_t at = direct_row(b, c, row, column);
+        if (at < 0) continue;
+        const T* __restrict x = p.x + at;
+        T* __restrict gxr = gx + at;
         if (sw == 1) {
 #pragma omp simd
-          for (int64_t j = 0; j < Wo; ++j) {
-            dkt[j] += gc[j] * x[j];
-            gx[j] += kt[j] * gc[j];
+          for (int64_t j = first; j < end; ++j) {
+            dkt[j] += gc[j] * x[j - first];
+            gxr[j - first] += kt[j] * gc[j];
           }
         } else {
-          for (int64_t j = 0; j < Wo; ++j) {
-            dkt[j] += gc[j] * x[j * sw];
-            gx[j * sw] += kt[j] * gc[j];
+          for (int64_t j = first; j < end; ++j) {
+            dkt[j] += gc[j] * x[(j - first) * sw];
+            gxr[(j - first) * sw] += kt[j] * gc[j];
           }
         }
       }
@@ -642,24 +791,21 @@ struct LoopNCHW {
       sums.br[r] += total(Wo, d);
       if (dterm) std::copy(d, d + Wo, dterm + ((b * R + r) * p.Ho + i) * Wo);
     }
+    int64_t r0, r1, q0, q1;
+    p.block(i, 0, r0, r1, q0, q1);
     for (int64_t c = 0; c < p.C; ++c) {
-      const T* x = xb(b, i, c);
       std::fill(dxb, dxb + Wo, T(0));
       for (int64_t r = 0; r < R; ++r) {
-        sums.wr[r * p.C + c] += dot(Wo, dpre + r * Wo, x);
+        sums.wr[r * p.C + c] += dot(Wo, dpre + r * Wo, xbar.data() + c * Wo);
         axpy(Wo, p.wr[r * p.C + c], dpre + r * Wo, dxb);
       }
-      if (p.pointwise_generator()) {
-        axpy(Wo, T(1), dxb, gxp + p.at_xp(b, c, i + p.top, p.left));
-        continue;
-      }
-      for (int64_t j = 0; j < Wo; ++j) {
-        int64_t r0, r1, q0, q1;
-        p.block(i, j, r0, r1, q0, q1);
-        T share = dxb[j] / T((r1 - r0) * (q1 - q0));
-        for (int64_t y = r0; y < r1; ++y)
-          for (int64_t x = q0; x < q1; ++x) gxp[p.at_xp(b, c, y, x)] += share;
-      }
+      for (int64_t j = 0; j < Wo; ++j) dxb[j] *= p.block_scale(i, j);
+      for (int64_t y = r0; y < r1; ++y)
+        for (int64_t column = p.left; column < p.left + p.sw; ++column) {
+          along_border(b, c, y, column, [&](int64_t j, int64_t at) { gx[at] += dxb[j]; });
+          if (int64_t at = direct_row(b, c, y, column); at >= 0)
+            for (int64_t j = first; j < std::min(end, stop(column)); ++j) gx[at + (j - first) * p.sw] += dxb[j];
+        }
     }
   }
   void flush(Totals& totals) { sums.flush(totals); }
@@ -676,20 +822,21 @@ void forward_rows(const Problem<T>& p, T* out) {
 }
 
 template <typename T, typename Rows>
-void backward_rows(const Problem<T>& p, const T* grad, T* gxp, T* dterm, Totals& totals) {
-  // blocks of `height` output rows: block n scatters into xp rows [n*height*sh, ((n+1)*height - 1)*sh +
-  // reach), which end before block n+2's first row, (n+2)*height*sh
-  const int64_t height = std::max<int64_t>(4, (p.reach() + p.sh - 1) / p.sh);
-  const int64_t blocks = (p.Ho + height - 1) / height, pairs = (blocks + 1) / 2;
+void backward_rows(const Problem<T>& p, const T* grad, T* gx, T* dterm, Totals& totals) {
+  // Zero padding: blocks of `height` output rows. Block n scatters into padded rows [n*height*sh,
+  // ((n+1)*height - 1)*sh + reach), which end before block n+2's first, (n+2)*height*sh; input rows are
+  // those less the padding, or none. Other modes: one task per image, all its rows.
+  const bool blocked = p.mode == ZEROS;
+  const int64_t height = blocked ? std::max<int64_t>(4, (p.reach() + p.sh - 1) / p.sh) : p.Ho;
+  const int64_t blocks = (p.Ho + height - 1) / height, pairs = blocked ? (blocks + 1) / 2 : 1;
   std::mutex lock;
-  for (int64_t parity = 0; parity < 2; ++parity) {
+  for (int64_t parity = 0; parity < (blocked ? 2 : 1); ++parity) {
     at::parallel_for(0, p.B * pairs, 1, [&](int64_t begin, int64_t end) {
       Rows rows(p);
       Totals mine(p);
       for (int64_t task = begin; task < end; ++task) {
         int64_t b = task / pairs, n = 2 * (task % pairs) + parity;
-        for (int64_t i = n * height; i < std::min((n + 1) * height, p.Ho); ++i)
-          rows.backward(b, i, grad, gxp, dterm);
+        for (int64_t i = n * height; i < std::min((n + 1) * height, p.Ho); ++i) rows.backward(b, i, grad, gx, dterm);
         rows.flush(mine);
       }
       std::lock_guard<std::mutex> guard(lock);
@@ -708,41 +855,40 @@ void with_rows(const Problem<T>& p, Run run) {
     run(static_cast<LoopNHWC<T>*>(nullptr));
 }
 
-Tensor forward(const Tensor& xp, const Tensor& wr, const Tensor& br, const c10::optional<Tensor>& term,
+at::MemoryFormat layout(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+Tensor forward(const Tensor& x, const Tensor& wr, const Tensor& br, const c10::optional<Tensor>& term,
                const Tensor& ws, const Tensor& bs, const c10::optional<Tensor>& bias, at::IntArrayRef geometry,
                bool channels_last) {
   Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "posconv_involution_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "posconv_involution_forward", [&] {
     using T = scalar_t;
-    auto p = problem<T>(xp, wr, br, term, ws, bs, bias, geometry, channels_last);
-    auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-    out = at::empty({p.B, p.C, p.Ho, p.Wo}, xp.options().memory_format(format));
-    with_rows(p, [&](auto* kind) {
-      forward_rows<T, std::remove_pointer_t<decltype(kind)>>(p, out.data_ptr<T>());
-    });
+    auto p = problem<T>(x, wr, br, term, ws, bs, bias, geometry, channels_last);
+    out = at::empty({p.B, p.C, p.Ho, p.Wo}, x.options().memory_format(layout(channels_last)));
+    with_rows(p, [&](auto* kind) { forward_rows<T, std::remove_pointer_t<decltype(kind)>>(p, out.data_ptr<T>()); });
   });
   return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
-    const Tensor& grad, const Tensor& xp, const Tensor& wr, const Tensor& br, const c10::optional<Tensor>& term,
+    const Tensor& grad, const Tensor& x, const Tensor& wr, const Tensor& br, const c10::optional<Tensor>& term,
     const Tensor& ws, const Tensor& bs, bool has_bias, at::IntArrayRef geometry, bool channels_last) {
-  Tensor gxp, gwr, gbr, gterm, gws, gbs, gbias;
-  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "posconv_involution_backward", [&] {
+  Tensor gx, gwr, gbr, gterm, gws, gbs, gbias;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "posconv_involution_backward", [&] {
     using T = scalar_t;
-    auto p = problem<T>(xp, wr, br, term, ws, bs, c10::nullopt, geometry, channels_last);
-    auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-    TORCH_CHECK(grad.sizes() == at::IntArrayRef({p.B, p.C, p.Ho, p.Wo}) && grad.is_contiguous(format) &&
-                    grad.scalar_type() == xp.scalar_type(),
+    auto p = problem<T>(x, wr, br, term, ws, bs, c10::nullopt, geometry, channels_last);
+    TORCH_CHECK(grad.sizes() == at::IntArrayRef({p.B, p.C, p.Ho, p.Wo}) &&
+                    grad.is_contiguous(layout(channels_last)) && grad.scalar_type() == x.scalar_type(),
                 "grad: expected the output's shape, layout and dtype");
-    auto options = xp.options();
-    gxp = at::empty(xp.sizes(), options.memory_format(format)).zero_();  // (at::zeros drops the format)
+    auto options = x.options();
+    gx = at::empty(x.sizes(), options.memory_format(layout(channels_last))).zero_();  // (at::zeros: NCHW)
     gterm = term.has_value() ? at::empty({p.B, p.R, p.Ho, p.Wo}, options) : at::empty({0}, options);
     T* dterm = term.has_value() ? gterm.data_ptr<T>() : nullptr;
     Totals totals(p);
     with_rows(p, [&](auto* kind) {
-      backward_rows<T, std::remove_pointer_t<decltype(kind)>>(p, grad.data_ptr<T>(), gxp.data_ptr<T>(), dterm,
-                                                              totals);
+      backward_rows<T, std::remove_pointer_t<decltype(kind)>>(p, grad.data_ptr<T>(), gx.data_ptr<T>(), dterm, totals);
     });
     gwr = at::empty({p.R, p.C}, options), gbr = at::empty({p.R}, options);
     gws = at::empty({p.GK, p.R}, options), gbs = at::empty({p.GK}, options);
@@ -756,17 +902,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     std::copy(totals.bs.begin(), totals.bs.end(), gbs.data_ptr<T>());
     if (has_bias) std::copy(totals.bias.begin(), totals.bias.end(), gbias.data_ptr<T>());
   });
-  return {gxp, gwr, gbr, gterm, gws, gbs, gbias};
+  return {gx, gwr, gbr, gterm, gws, gbs, gbias};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(posconv_involution, m) {
   m.def(
-      "forward(Tensor xp, Tensor wr, Tensor br, Tensor? term, Tensor ws, Tensor bs, Tensor? bias, "
+      "forward(Tensor x, Tensor wr, Tensor br, Tensor? term, Tensor ws, Tensor bs, Tensor? bias, "
       "int[] geometry, bool channels_last) -> Tensor");
   m.def(
-      "backward(Tensor grad, Tensor xp, Tensor wr, Tensor br, Tensor? term, Tensor ws, Tensor bs, "
+      "backward(Tensor grad, Tensor x, Tensor wr, Tensor br, Tensor? term, Tensor ws, Tensor bs, "
       "bool has_bias, int[] geometry, bool channels_last) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -142,16 +142,31 @@ def parameter_count(
 # ---- the operation ----
 
 
-def padded(
-    x: torch.Tensor, kernel_size: Pair, dilation: Pair, padding: Pair | str, padding_mode: str
-) -> torch.Tensor:
-    """x~: `x` padded as nn.Conv2d pads it ("same": the odd pixel at the end)."""
+def pad_sizes(kernel_size: Pair, dilation: Pair, padding: Pair | str) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right): how nn.Conv2d pads ("same": the odd pixel at the end)."""
     (top, bottom), (left, right) = (
         pad_amounts(padding if isinstance(padding, str) else padding[axis], kernel_size[axis], dilation[axis])
         for axis in (0, 1)
     )
-    if not (top or bottom or left or right):
+    return top, bottom, left, right
+
+
+def check_padding(size: Pair, sizes: tuple[int, int, int, int], padding_mode: str) -> None:
+    """Refuse what F.pad refuses: reflecting by as much as the input's size, wrapping around more than once."""
+    too_large = {"reflect": lambda pad, n: pad >= n, "circular": lambda pad, n: pad > n}.get(padding_mode)
+    if too_large and any(too_large(pad, size[index // 2]) for index, pad in enumerate(sizes)):
+        rule = "smaller than" if padding_mode == "reflect" else "at most"
+        raise ValueError(
+            f"padding (top, bottom, left, right) = {sizes} with padding_mode = {padding_mode!r}: each must be "
+            f"{rule} the input's size, {size[0]} x {size[1]}"
+        )
+
+
+def padded(x: torch.Tensor, sizes: tuple[int, int, int, int], padding_mode: str) -> torch.Tensor:
+    """x~: `x` padded by `sizes` (top, bottom, left, right), in x's memory format."""
+    if not any(sizes):
         return x
+    top, bottom, left, right = sizes
     xp = F.pad(x, (left, right, top, bottom), mode="constant" if padding_mode == "zeros" else padding_mode)
     if is_channels_last(x) and not is_channels_last(xp):  # circular padding returns NCHW
         xp = xp.contiguous(memory_format=torch.channels_last)
@@ -267,7 +282,7 @@ def _prepare(
     )
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode = {padding_mode!r}: expected one of {', '.join(PADDING_MODES)}")
-    xp = padded(x, kernel_size, dilation, _padding(padding, stride), padding_mode)
+    xp = padded(x, pad_sizes(kernel_size, dilation, _padding(padding, stride)), padding_mode)
     out_size = output_size(tuple(xp.shape[-2:]), kernel_size, stride, dilation)
     taps = kernel_size[0] * kernel_size[1]
     groups = kernel.shape[1] // taps if kernel.dim() == 4 else 0
@@ -338,19 +353,22 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, 
     return out_dtype, torch.promote_types(out_dtype, torch.float32)
 
 
-def _flat(geometry: Geometry, groups: int) -> list[int]:
-    """The operator's geometry argument: [kh, kw, sh, sw, dh, dw, G]."""
-    kernel_size, stride, dilation, _ = geometry
-    return [*kernel_size, *stride, *dilation, groups]
+def _operator_geometry(layer: Involution2d, sizes: tuple[int, int, int, int]) -> list[int]:
+    """The operator's geometry: [kh, kw, sh, sw, dh, dw, G, top, bottom, left, right, padding mode]."""
+    mode = PADDING_MODES.index(layer.padding_mode)
+    return [*layer.kernel_size, *layer.stride, *layer.dilation, layer.groups, *sizes, mode]
 
 
-def _unflat(flat: list[int], xp: torch.Tensor) -> Geometry:
+def _geometry_of(flat: list[int], x: torch.Tensor) -> tuple[Geometry, tuple[int, int, int, int], str]:
+    """The geometry (output size included), the padding sizes and mode that `flat` gives input `x`."""
     kernel_size, stride, dilation = (flat[0], flat[1]), (flat[2], flat[3]), (flat[4], flat[5])
-    return kernel_size, stride, dilation, output_size(tuple(xp.shape[-2:]), kernel_size, stride, dilation)
+    top, bottom, left, right = flat[7:11]
+    size = output_size((x.shape[-2] + top + bottom, x.shape[-1] + left + right), kernel_size, stride, dilation)
+    return (kernel_size, stride, dilation, size), (top, bottom, left, right), PADDING_MODES[flat[11]]
 
 
 def _generated_eager(
-    xp: torch.Tensor,
+    x: torch.Tensor,
     wr: torch.Tensor,
     br: torch.Tensor,
     term: torch.Tensor | None,
@@ -360,11 +378,11 @@ def _generated_eager(
     flat: list[int],
     channels_last: bool,
 ) -> torch.Tensor:
-    """The operator's function in PyTorch ops: kernels `ws @ relu(wr @ xbar + br + term) + bs` by 1x1
-    convolutions, aggregated by `_ShiftedProducts`. All in one dtype, differentiable twice."""
-    geometry = _unflat(flat, xp)
-    xbar = generator_input(xp, *geometry)
-    features = F.conv2d(xbar, wr[..., None, None], br)
+    """The operator's function in PyTorch ops: x~ by F.pad, kernels `ws @ relu(wr @ xbar + br + term) + bs`
+    by 1x1 convolutions, aggregated by `_ShiftedProducts`. All in one dtype, differentiable twice."""
+    geometry, sizes, padding_mode = _geometry_of(flat, x)
+    xp = padded(x, sizes, padding_mode)
+    features = F.conv2d(generator_input(xp, *geometry), wr[..., None, None], br)
     features = features if term is None else features + term
     kernel = F.conv2d(torch.relu(features), ws[..., None, None], bs)
     return _ShiftedProducts.apply(xp, kernel, bias, geometry, channels_last)
@@ -458,31 +476,30 @@ def _register_operator() -> None:
     """Shapes for tracing (torch.compile, fake tensors) and the autograd formula of the loaded operator."""
     backward = torch.ops.posconv_involution.backward
 
-    def forward_shape(xp, wr, br, term, ws, bs, bias, flat, channels_last):  # noqa: ANN001, ANN202
-        size = _unflat(flat, xp)[3]
-        return xp.new_empty((xp.shape[0], xp.shape[1], *size)).contiguous(memory_format=_layout(channels_last))
+    def forward_shape(x, wr, br, term, ws, bs, bias, flat, channels_last):  # noqa: ANN001, ANN202
+        size = _geometry_of(flat, x)[0][3]
+        return x.new_empty((x.shape[0], x.shape[1], *size)).contiguous(memory_format=_layout(channels_last))
 
-    def backward_shapes(grad, xp, wr, br, term, ws, bs, has_bias, flat, channels_last):  # noqa: ANN001, ANN202
-        empty = xp.new_empty(0)
-        term_grad = empty if term is None else xp.new_empty((xp.shape[0], *term.shape))
-        bias_grad = xp.new_empty(xp.shape[1]) if has_bias else empty
-        return torch.empty_like(xp), *map(torch.empty_like, (wr, br)), term_grad, *map(
-            torch.empty_like, (ws, bs)
-        ), bias_grad
+    def backward_shapes(grad, x, wr, br, term, ws, bs, has_bias, flat, channels_last):  # noqa: ANN001, ANN202
+        empty = x.new_empty(0)
+        term_grad = empty if term is None else x.new_empty((x.shape[0], *term.shape))
+        bias_grad = x.new_empty(x.shape[1]) if has_bias else empty
+        weight_grads = [torch.empty_like(t) for t in (wr, br, ws, bs)]
+        return torch.empty_like(x), *weight_grads[:2], term_grad, *weight_grads[2:], bias_grad
 
     def save(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         *tensors, ctx.flat, ctx.channels_last = inputs
         ctx.save_for_backward(*tensors)
 
     def gradients(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        xp, wr, br, term, ws, bs, bias = ctx.saved_tensors
+        x, wr, br, term, ws, bs, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a differentiable backward, through the eager form
             return _differentiable_gradients(ctx, grad)
         grad = grad.contiguous(memory_format=_layout(ctx.channels_last))
-        results = backward(grad, xp, wr, br, term, ws, bs, bias is not None, ctx.flat, ctx.channels_last)
-        gxp, gwr, gbr, gterm, gws, gbs, gbias = results
+        results = backward(grad, x, wr, br, term, ws, bs, bias is not None, ctx.flat, ctx.channels_last)
+        gx, gwr, gbr, gterm, gws, gbs, gbias = results
         return (
-            gxp,
+            gx,
             gwr,
             gbr,
             None if term is None else gterm.sum(0),
@@ -511,23 +528,22 @@ def _differentiable_gradients(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _generated(
-    xp: torch.Tensor,
+    x: torch.Tensor,
     weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     term: torch.Tensor | None,
     bias: torch.Tensor | None,
-    geometry: Geometry,
-    groups: int,
+    flat: list[int],
     channels_last: bool,
 ) -> torch.Tensor:
-    """The generated involution of x~ (all in one dtype): the compiled operator on CPU where it runs,
-    else the eager formulation."""
-    flat = _flat(geometry, groups)
-    if xp.device.type == "cpu" and (_native if torch.compiler.is_compiling() else native_ready()):
-        xp = xp.contiguous(memory_format=_layout(channels_last))
-        return torch.ops.posconv_involution.forward(xp, *weights[:2], term, *weights[2:], bias, flat, channels_last)
-    if xp.device.type != "cpu" and not torch.compiler.is_compiling():
-        acceleration.fall_back(OP, f"no compiled implementation on {xp.device.type}")
-    return _generated_eager(xp, *weights[:2], term, *weights[2:], bias, flat, channels_last)
+    """The generated involution of x (all in one dtype): the compiled operator on CPU where it runs, else
+    the eager formulation."""
+    wr, br, ws, bs = weights
+    if x.device.type == "cpu" and (_native if torch.compiler.is_compiling() else native_ready()):
+        x = x.contiguous(memory_format=_layout(channels_last))
+        return torch.ops.posconv_involution.forward(x, wr, br, term, ws, bs, bias, flat, channels_last)
+    if x.device.type != "cpu" and not torch.compiler.is_compiling():
+        acceleration.fall_back(OP, f"no compiled implementation on {x.device.type}")
+    return _generated_eager(x, wr, br, term, ws, bs, bias, flat, channels_last)
 
 
 # ---- the layers ----
@@ -599,17 +615,18 @@ class Involution2d(nn.Module):
         if self.project is not None:
             x = self.project(x)
         out_dtype, dtype = _compute_dtype(x, self.reduce.weight)
+        sizes = pad_sizes(self.kernel_size, self.dilation, self.padding)
+        check_padding((x.shape[-2], x.shape[-1]), sizes, self.padding_mode)
+        flat = _operator_geometry(self, sizes)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
-            xp = padded(x, self.kernel_size, self.dilation, self.padding, self.padding_mode)
-            out_size = output_size(tuple(xp.shape[-2:]), self.kernel_size, self.stride, self.dilation)
-            geometry = (self.kernel_size, self.stride, self.dilation, out_size)
+            out_size = _geometry_of(flat, x)[0][3]
             reduce, span = self.reduce, self.span
             weights = (reduce.weight.flatten(1), reduce.bias, span.weight.flatten(1), span.bias)
             weights = tuple(w.to(dtype).contiguous() for w in weights)
             bias = None if self.bias is None else self.bias.to(dtype)
             term = self.generator_term(x, out_size)
-            y = _generated(xp, weights, term, bias, geometry, self.groups, channels_last)  # type: ignore[arg-type]
+            y = _generated(x, weights, term, bias, flat, channels_last)  # type: ignore[arg-type]
         return y.to(out_dtype)
 
     def extra_repr(self) -> str:
