@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any, Literal
@@ -152,13 +153,13 @@ def pad_sizes(kernel_size: Pair, dilation: Pair, padding: Pair | str) -> tuple[i
 
 
 def check_padding(size: Pair, sizes: tuple[int, int, int, int], padding_mode: str) -> None:
-    """Refuse what F.pad refuses: reflecting by as much as the input's size, wrapping around more than once."""
+    """Refuse what F.pad refuses: reflecting by the input's size or more, wrapping around more than once."""
     too_large = {"reflect": lambda pad, n: pad >= n, "circular": lambda pad, n: pad > n}.get(padding_mode)
     if too_large and any(too_large(pad, size[index // 2]) for index, pad in enumerate(sizes)):
         rule = "smaller than" if padding_mode == "reflect" else "at most"
         raise ValueError(
-            f"padding (top, bottom, left, right) = {sizes} with padding_mode = {padding_mode!r}: each must be "
-            f"{rule} the input's size, {size[0]} x {size[1]}"
+            f"padding (top, bottom, left, right) = {sizes} with padding_mode = {padding_mode!r}: "
+            f"each must be {rule} the input's size, {size[0]} x {size[1]}"
         )
 
 
@@ -363,7 +364,9 @@ def _geometry_of(flat: list[int], x: torch.Tensor) -> tuple[Geometry, tuple[int,
     """The geometry (output size included), the padding sizes and mode that `flat` gives input `x`."""
     kernel_size, stride, dilation = (flat[0], flat[1]), (flat[2], flat[3]), (flat[4], flat[5])
     top, bottom, left, right = flat[7:11]
-    size = output_size((x.shape[-2] + top + bottom, x.shape[-1] + left + right), kernel_size, stride, dilation)
+    size = output_size(
+        (x.shape[-2] + top + bottom, x.shape[-1] + left + right), kernel_size, stride, dilation
+    )
     return (kernel_size, stride, dilation, size), (top, bottom, left, right), PADDING_MODES[flat[11]]
 
 
@@ -430,21 +433,39 @@ def _library() -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     partial = library.with_suffix(f".{os.getpid()}.tmp")
     try:
-        subprocess.run(
-            _build_command(partial), check=True, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
-        )
+        _compile(_build_command(partial))
         os.replace(partial, library)
     finally:
         partial.unlink(missing_ok=True)
     return library
 
 
+def _compile(command: list[str]) -> None:
+    """Run the compiler, or raise; past _BUILD_TIMEOUT_S its whole process group is killed (the driver's
+    children too, which would otherwise hold its pipes open), so a stuck compiler cannot hang us."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            _, errors = process.communicate(timeout=_BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command, stderr=errors)
+
+
 def _why_not(error: Exception) -> str:
+    """The reason in the fallback's warning line."""
     if isinstance(error, subprocess.CalledProcessError):
         lines = (error.stderr or "").strip().splitlines()
-        return f"its C++ operator did not build ({lines[-1] if lines else f'exit status {error.returncode}'})"
+        first = next((line for line in lines if "error" in line), lines[-1] if lines else "")
+        return f"its C++ operator did not build ({first or f'exit status {error.returncode}'})"
     if isinstance(error, subprocess.TimeoutExpired):
         return f"its C++ operator did not build within {_BUILD_TIMEOUT_S} s"
+    if isinstance(error, FileNotFoundError) and error.filename == _build_command(Path())[0]:
+        return f"no C++ compiler ({error.filename!r} not found; set CXX)"
     return f"its C++ operator is unavailable ({type(error).__name__}: {error})"
 
 
@@ -462,7 +483,7 @@ def native_ready() -> bool:
             _register_operator()
             _native = True
             acceleration.record(OP, "cpp")
-        except Exception as error:  # noqa: BLE001 - any failure to build or load means: run eagerly
+        except Exception as error:  # any failure to build or load means: run eagerly
             acceleration.fall_back(OP, _why_not(error))
             _native = False
     return _native
@@ -476,11 +497,13 @@ def _register_operator() -> None:
     """Shapes for tracing (torch.compile, fake tensors) and the autograd formula of the loaded operator."""
     backward = torch.ops.posconv_involution.backward
 
-    def forward_shape(x, wr, br, term, ws, bs, bias, flat, channels_last):  # noqa: ANN001, ANN202
+    def forward_shape(x: torch.Tensor, *weights: Any) -> torch.Tensor:
+        *_, flat, channels_last = weights
         size = _geometry_of(flat, x)[0][3]
         return x.new_empty((x.shape[0], x.shape[1], *size)).contiguous(memory_format=_layout(channels_last))
 
-    def backward_shapes(grad, x, wr, br, term, ws, bs, has_bias, flat, channels_last):  # noqa: ANN001, ANN202
+    def backward_shapes(grad: torch.Tensor, x: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, ...]:
+        wr, br, term, ws, bs, has_bias, _, _ = rest
         empty = x.new_empty(0)
         term_grad = empty if term is None else x.new_empty((x.shape[0], *term.shape))
         bias_grad = x.new_empty(x.shape[1]) if has_bias else empty
@@ -607,7 +630,7 @@ class Involution2d(nn.Module):
             nn.init.zeros_(self.bias)
 
     def generator_term(self, x: torch.Tensor, out_size: Pair) -> torch.Tensor | None:
-        """What the kernel generator adds to `reduce(xbar)` before its ReLU, (R, H_out, W_out): nothing here."""
+        """What the generator adds to `reduce(xbar)` before its ReLU, (R, H_out, W_out): nothing here."""
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
