@@ -372,7 +372,7 @@ def test_a_layer_in_a_dtype_returns_that_dtype(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(
     "memory_format", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"]
 )
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+@pytest.mark.parametrize("geometry", GEOMETRIES + VECTOR_GEOMETRIES[:2], ids=IDS + VECTOR_IDS[:2])
 def test_bfloat16_autocast_follows_float64(geometry: tuple, memory_format: torch.memory_format) -> None:
     """Under bfloat16 autocast the output (bfloat16, as nn.Conv2d's) and every gradient are float64's within
     BF16_TOLERANCE; parameter gradients stay float32, the format is kept.
@@ -653,6 +653,21 @@ def test_the_operator_equals_the_eager_formulation(
     monkeypatch.setattr(involution_module, "_native", False)
     eager = _forward_and_grads(layer, x, list(layer.parameters()))
     for got, expected in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_an_input_without_gradient_as_the_first_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image into the first layer needs no gradient: the operator skips it, the parameters' agree."""
+    geometry = VECTOR_GEOMETRIES[1]
+    layer = _layer(geometry, CoordInvolution2d)
+    x = _input(geometry).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for native in (True, False):
+        monkeypatch.setattr(involution_module, "_native", native)
+        y = layer(x)
+        grads.append(torch.autograd.grad(y.square().sum(), list(layer.parameters())))
+    assert not x.requires_grad and x.grad is None
+    for got, expected in zip(*grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 

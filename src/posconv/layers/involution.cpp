@@ -22,6 +22,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -84,16 +86,16 @@ int64_t source_index(int64_t padded, int64_t before, int64_t size, int64_t mode)
 template <typename T>
 struct Problem {
   int64_t B, C, H, W, Hp, Wp, Ho, Wo, kh, kw, sh, sw, dh, dw, G, R, K, GK, Cg, top, left, pad_top, pad_left,
-      mode;
+      mode, Cx;  // Cx: x's channels (C once projected)
   bool channels_last;
-  const T *x, *wr, *br, *term, *ws, *bs, *bias;
+  const T *x, *project, *wr, *br, *term, *ws, *bs, *bias;  // project: (C, Cx), or null (Cx = C)
   std::vector<int64_t> rows, cols;  // padded row, column -> input row, column, or -1 (a zero)
   // output columns whose taps and generator block all read x's columns at their padded index less the
   // padding ("direct" columns; they are contiguous)
   std::vector<char> col_direct;
 
   int64_t at_x(int64_t b, int64_t c, int64_t y, int64_t x) const {
-    return channels_last ? ((b * H + y) * W + x) * C + c : ((b * C + c) * H + y) * W + x;
+    return channels_last ? ((b * H + y) * W + x) * Cx + c : ((b * Cx + c) * H + y) * W + x;
   }
   int64_t at_out(int64_t b, int64_t c, int64_t y, int64_t x) const {
     return channels_last ? ((b * Ho + y) * Wo + x) * C + c : ((b * C + c) * Ho + y) * Wo + x;
@@ -129,9 +131,9 @@ bool direct(const std::vector<int64_t>& map, int64_t from, int64_t to, int64_t b
 }
 
 template <typename T>
-Problem<T> problem(const Tensor& x, const Tensor& wr, const Tensor& br, const c10::optional<Tensor>& term,
-                   const Tensor& ws, const Tensor& bs, const c10::optional<Tensor>& bias,
-                   at::IntArrayRef geometry, bool channels_last) {
+Problem<T> problem(const Tensor& x, const c10::optional<Tensor>& project, const Tensor& wr, const Tensor& br,
+                   const c10::optional<Tensor>& term, const Tensor& ws, const Tensor& bs,
+                   const c10::optional<Tensor>& bias, at::IntArrayRef geometry, bool channels_last) {
   TORCH_CHECK(geometry.size() == 12, "geometry: expected [kh, kw, sh, sw, dh, dw, G, top, bottom, left, right, mode]");
   Problem<T> p;
   p.kh = geometry[0], p.kw = geometry[1], p.sh = geometry[2], p.sw = geometry[3];
@@ -142,7 +144,15 @@ Problem<T> problem(const Tensor& x, const Tensor& wr, const Tensor& br, const c1
                   p.mode <= CIRCULAR,
               "geometry: out of range");
   TORCH_CHECK(x.dim() == 4, "x: expected a 4-d tensor");
-  p.B = x.size(0), p.C = x.size(1), p.H = x.size(2), p.W = x.size(3);
+  p.B = x.size(0), p.Cx = x.size(1), p.H = x.size(2), p.W = x.size(3);
+  p.C = project.has_value() ? project->size(0) : p.Cx;
+  p.project = nullptr;
+  if (project.has_value()) {
+    TORCH_CHECK(project->dim() == 2 && project->size(1) == p.Cx && project->is_contiguous() &&
+                    project->scalar_type() == x.scalar_type(),
+                "project: expected a contiguous (C, C_in) in x's dtype");
+    p.project = project->data_ptr<T>();
+  }
   TORCH_CHECK(p.H >= 1 && p.W >= 1, "x: expected a non-empty image");
   p.Hp = p.H + geometry[7] + geometry[8], p.Wp = p.W + geometry[9] + geometry[10];
   TORCH_CHECK(p.Hp >= p.dh * (p.kh - 1) + 1 && p.Wp >= p.dw * (p.kw - 1) + 1 && p.C % p.G == 0,
@@ -180,14 +190,16 @@ Problem<T> problem(const Tensor& x, const Tensor& wr, const Tensor& br, const c1
   return p;
 }
 
-// The weight gradients in double, canonical layouts: wr (R x C), br, ws transposed (R x GK), bs, bias.
+// The weight gradients in double, canonical layouts: wr (R x C), br, ws transposed (R x GK), bs, bias,
+// project (C x Cx).
 struct Totals {
-  std::vector<double> wr, br, ws, bs, bias;
+  std::vector<double> wr, br, ws, bs, bias, project;
   template <typename T>
-  explicit Totals(const Problem<T>& p) : wr(p.R * p.C), br(p.R), ws(p.R * p.GK), bs(p.GK), bias(p.C) {}
+  explicit Totals(const Problem<T>& p)
+      : wr(p.R * p.C), br(p.R), ws(p.R * p.GK), bs(p.GK), bias(p.C), project(p.C * p.Cx) {}
   void add(const Totals& other) {
     for (auto [sum, part] : {std::pair{&wr, &other.wr}, {&br, &other.br}, {&ws, &other.ws},
-                             {&bs, &other.bs}, {&bias, &other.bias}})
+                             {&bs, &other.bs}, {&bias, &other.bias}, {&project, &other.project}})
       for (size_t e = 0; e < sum->size(); ++e) (*sum)[e] += (*part)[e];
   }
 };
@@ -288,6 +300,7 @@ struct LoopNHWC {
           if (int64_t at = p.source(b, 0, y, z); at >= 0) axpy(C, p.block_scale(i, j), dxb, gx + at);
     }
   }
+  void end_task(int64_t, T*, bool) {}  // (no projection here)
   void flush(Totals& totals) { sums.flush(totals); }
 };
 
@@ -368,31 +381,85 @@ void accumulate_outer(int64_t count, int64_t rows, Left left, const T* right, in
   }
 }
 
+// Output rows per backward task: with zero padding, blocks that scatter into rows 2 blocks apart never
+// share (see backward_rows); with other padding modes, an image.
+template <typename T>
+int64_t block_height(const Problem<T>& p) {
+  return p.mode == ZEROS ? std::max<int64_t>(4, (p.reach() + p.sh - 1) / p.sh) : p.Ho;
+}
+
+// Input rows that `height` consecutive output rows touch: a window moving down with zero padding; the
+// image with the other modes.
+template <typename T>
+int64_t window_rows(const Problem<T>& p, int64_t height) {
+  return p.mode == ZEROS ? std::min(p.H, (height - 1) * p.sh + p.reach()) : p.H;
+}
+
+// Rows of W x C values for input rows made on demand: at most `capacity`. A new row takes a free slot,
+// else that of the lowest row held (with zero padding a task's window of rows moves down, so rows above
+// it are not needed again; with the other modes the capacity is the image's rows).
+template <typename T>
+struct RowCache {
+  int64_t size, capacity;
+  std::vector<T> data;
+  std::vector<int64_t> held, slot;  // held[s]: the input row in slot s, or -1; slot[y]: row y's slot, or -1
+
+  RowCache(int64_t rows, int64_t capacity, int64_t size)
+      : size(size), capacity(capacity), data(capacity * size), held(capacity, -1), slot(rows, -1) {}
+  bool full() const { return std::find(held.begin(), held.end(), -1) == held.end(); }
+  // row y's values, and whether they are new (then the caller writes them)
+  T* get(int64_t y, bool& fresh) {
+    fresh = slot[y] < 0;
+    if (fresh) {
+      auto free = std::find(held.begin(), held.end(), -1);
+      int64_t s = (free != held.end() ? free : std::min_element(held.begin(), held.end())) - held.begin();
+      if (held[s] >= 0) slot[held[s]] = -1;
+      held[s] = y, slot[y] = s;
+    }
+    return data.data() + slot[y] * size;
+  }
+  void clear() {
+    for (int64_t& y : held)
+      if (y >= 0) slot[y] = -1, y = -1;
+  }
+};
+
 template <typename T>
 struct VecNHWC {
   using V = Vec<T>;
   const Problem<T>& p;
   const int64_t RP, GKP, WP, M;  // R and GK padded to whole vectors; Wo with a vector's room; vectors per group
-  // weights, zero-padded: wr transposed (C x RP), br (RP), ws transposed (R x GKP), bs (GKP), ws (GK x RP)
-  std::vector<T> wrt, br, wst, bs, wsp;
+  // weights, zero-padded: wr transposed (C x RP), br (RP), ws transposed (R x GKP), bs (GKP), ws (GK x RP);
+  // the projection transposed (Cx x C) and padded (C x lanes_for(Cx))
+  std::vector<T> wrt, br, wst, bs, wsp, pt, pp;
   std::vector<int64_t> groups;  // kernel t of the GK: its group's first channel
-  // per row: where kernel t's tap of pixel j is in x, row[t] + j*sw*C for a direct column j (row[t] may
-  // be negative); NONE for a padding row of zeros
-  static constexpr int64_t NONE = std::numeric_limits<int64_t>::min();
-  std::vector<int64_t> row;
-  // per row: xbar where it is not a pixel of x (Wo x C), pre-ReLU and ReLU (Wo x RP), kernels (Wo x GKP),
+  // x~'s rows, (W x C) each: an input row of x, or with a projection that row projected (in `projected`,
+  // made at first use per image); its gradient's rows, in x's gradient or (projection) in `gradients`,
+  // handed on to the input and the projection's gradients by `end_task`. With zero padding a task's
+  // output rows touch a window of input rows moving down, so a few rows are enough; other padding modes
+  // (whose maps fold the border onto distant rows) keep the image's.
+  int64_t image = -1;
+  RowCache<T> projected, gradients;
+  // per output row: kernel t's tap row in x~ (null for a padding row of zeros) and that row's gradient
+  std::vector<const T*> tap;
+  std::vector<T*> tap_grad;
+  // per row: xbar where it is not a pixel of x~ (Wo x C), pre-ReLU and ReLU (Wo x RP), kernels (Wo x GKP),
   // their gradients transposed (GK x WP), the pre-ReLU gradient (Wo x RP); where each pixel's xbar is
   std::vector<T> xbar, pre, h, k, dkt, dpre;
   std::vector<const T*> xbars;
-  // gradient sums of the rows so far: wr transposed (C x RP), br (RP), ws (GK x RP), bs, bias
-  std::vector<T> swrt, sbr, sws, sbs, sbias;
+  // gradient sums of the rows so far: wr transposed (C x RP), br (RP), ws (GK x RP), bs, bias, the
+  // projection transposed (Cx x C)
+  std::vector<T> swrt, sbr, sws, sbs, sbias, spt;
 
   explicit VecNHWC(const Problem<T>& problem)
       : p(problem),
         RP(lanes_for(problem.R)),
         GKP(lanes_for(problem.GK)),
         WP(problem.Wo + L),
-        M(problem.Cg / L) {
+        M(problem.Cg / L),
+        projected(problem.H, problem.project ? window_rows(problem, 1) : 0, problem.W * problem.C),
+        gradients(problem.H, problem.project ? window_rows(problem, block_height(problem)) : 0,
+                  problem.W * problem.C) {
     const int64_t C = p.C, R = p.R, GK = p.GK, Wo = p.Wo;
     wrt.assign(C * RP, T(0)), br.assign(RP, T(0)), wst.assign(R * GKP, T(0)), bs.assign(GKP, T(0));
     wsp.assign(GK * RP, T(0));
@@ -403,27 +470,118 @@ struct VecNHWC {
     }
     std::copy(p.bs, p.bs + GK, bs.begin());
     for (int64_t t = 0; t < GK; ++t) groups.push_back((t / p.K) * p.Cg);
-    row.resize(GK);
+    tap.resize(GK), tap_grad.resize(GK);
     xbar.resize(Wo * C), pre.resize(Wo * RP), h.resize(Wo * RP), k.resize(Wo * GKP), dpre.resize(Wo * RP);
     dkt.resize(GK * WP), xbars.resize(Wo);
     swrt.assign(C * RP, T(0)), sbr.assign(RP, T(0)), sws.assign(GK * RP, T(0)), sbs.assign(GK, T(0));
     sbias.assign(C, T(0));
+    if (p.project) {
+      const int64_t CxP = lanes_for(p.Cx);
+      pt.resize(p.Cx * C), pp.assign(C * CxP, T(0)), spt.assign(p.Cx * C, T(0));
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t e = 0; e < p.Cx; ++e) pt[e * C + c] = pp[c * CxP + e] = p.project[c * p.Cx + e];
+    }
   }
 
   bool direct(int64_t j) const { return p.col_direct[j]; }
 
-  // row: the taps' rows of output row i, through the padding map
-  void locate_taps(int64_t b, int64_t i) {
-    for (int64_t t = 0; t < p.GK; ++t) {
-      int64_t y = p.rows[p.tap_row(i, t % p.K)];
-      row[t] = y < 0 ? NONE : p.at_x(b, groups[t], y, 0) + (p.tap_col(0, t % p.K) - p.pad_left) * p.C;
-    }
+  // x~'s padded row py of image b: where its input row starts (column 0), or null for a row of zeros
+  const T* source(int64_t b, int64_t py) {
+    const int64_t y = p.rows[py];
+    if (y < 0) return nullptr;
+    if (!p.project) return p.x + p.at_x(b, 0, y, 0);
+    if (image != b) projected.clear(), image = b;
+    bool fresh;
+    T* row = projected.get(y, fresh);
+    if (fresh) project_row(p.x + p.at_x(b, 0, y, 0), row);
+    return row;
+  }
+  // the same in x~'s gradient
+  T* target(int64_t b, int64_t py, T* gx) {
+    const int64_t y = p.rows[py];
+    if (y < 0) return nullptr;
+    if (!p.project) return gx + p.at_x(b, 0, y, 0);
+    TORCH_CHECK(gradients.slot[y] >= 0 || !gradients.full(),
+                "involution: more gradient rows than a task touches");  // (they would be lost)
+    bool fresh;
+    T* row = gradients.get(y, fresh);
+    if (fresh) std::fill(row, row + p.W * p.C, T(0));
+    return row;
+  }
+  const T* source_pixel(int64_t b, int64_t py, int64_t px) {
+    const T* row = source(b, py);
+    return row && p.cols[px] >= 0 ? row + p.cols[px] * p.C : nullptr;
+  }
+  T* target_pixel(int64_t b, int64_t py, int64_t px, T* gx) {
+    T* row = target(b, py, gx);
+    return row && p.cols[px] >= 0 ? row + p.cols[px] * p.C : nullptr;
   }
 
-  // where xbar of pixel (i, j) is: the pixel of x under the kernel centre, or its block's mean in `xbar`
+  // out (W x C) = the projection of an input row (W x Cx), P pixels at a time
+  void project_row(const T* in, T* out) const {
+    const int64_t C = p.C, Cx = p.Cx;
+    auto pixels = [&](auto n, int64_t x) {
+      constexpr int N = decltype(n)::value;
+      for (int64_t e = 0; e < C; e += L) {
+        V acc[N] = {};
+        for (int64_t c = 0; c < Cx; ++c) {
+          V w = load(pt.data() + c * C + e);
+          for (int q = 0; q < N; ++q) acc[q] += in[(x + q) * Cx + c] * w;
+        }
+        for (int q = 0; q < N; ++q) store(out + (x + q) * C + e, acc[q]);
+      }
+    };
+    int64_t x = 0;
+    for (; x + P <= p.W; x += P) pixels(std::integral_constant<int, P>{}, x);
+    for (; x < p.W; ++x) pixels(std::integral_constant<int, 1>{}, x);
+  }
+
+  // After a task's rows (projection only): the gradients of x~'s rows it touched go to the input's
+  // gradient (through the projection's transpose) and to the projection's gradient.
+  void end_task(int64_t b, T* gx, bool input_grad) {
+    if (!p.project) return;
+    const int64_t C = p.C, Cx = p.Cx, CxP = lanes_for(Cx), W = p.W;
+    for (int64_t y : gradients.held) {
+      if (y < 0) continue;
+      const T *g = gradients.data.data() + gradients.slot[y] * W * C, *in = p.x + p.at_x(b, 0, y, 0);
+      accumulate_outer(W, Cx, [&](int64_t n, int64_t a) { return in[n * Cx + a]; }, g, C, spt.data());
+      if (!input_grad) continue;
+      T* to = gx + p.at_x(b, 0, y, 0);
+      auto pixels = [&](auto n, int64_t x) {  // to[x] += project^T g[x], P pixels at a time
+        constexpr int N = decltype(n)::value;
+        for (int64_t e = 0; e < CxP; e += L) {
+          V acc[N] = {};
+          for (int64_t c = 0; c < C; ++c) {
+            V w = load(pp.data() + c * CxP + e);
+            for (int q = 0; q < N; ++q) acc[q] += g[(x + q) * C + c] * w;
+          }
+          for (int q = 0; q < N; ++q)
+            for (int64_t l = 0; l < L && e + l < Cx; ++l) to[(x + q) * Cx + e + l] += acc[q][l];
+        }
+      };
+      int64_t x = 0;
+      for (; x + P <= W; x += P) pixels(std::integral_constant<int, P>{}, x);
+      for (; x < W; ++x) pixels(std::integral_constant<int, 1>{}, x);
+    }
+    gradients.clear();
+  }
+
+  // tap, tap_grad: the taps' rows of output row i (gradients only with gx)
+  void locate_taps(int64_t b, int64_t i, T* gx) {
+    for (int64_t t = 0; t < p.GK; ++t) {
+      tap[t] = source(b, p.tap_row(i, t % p.K));
+      tap_grad[t] = gx ? target(b, p.tap_row(i, t % p.K), gx) : nullptr;
+    }
+  }
+  // where tap t of direct pixel j is, from its row's start (for the group's first channel)
+  int64_t tap_at(int64_t t, int64_t j) const {
+    return (p.tap_col(j, t % p.K) - p.pad_left) * p.C + groups[t];
+  }
+
+  // where xbar of pixel (i, j) is: the pixel of x~ under the kernel centre, or its block's mean in `xbar`
   const T* locate_xbar(int64_t b, int64_t i, int64_t j) {
-    if (p.pointwise_generator() && direct(j) && p.rows[i + p.top] >= 0)
-      return p.x + p.at_x(b, 0, p.rows[i + p.top], j + p.left - p.pad_left);
+    if (p.pointwise_generator() && direct(j))
+      if (const T* row = source(b, i + p.top)) return row + (j + p.left - p.pad_left) * p.C;
     T* mean = xbar.data() + j * p.C;
     T scale = p.block_scale(i, j);
     int64_t r0, r1, q0, q1;
@@ -432,7 +590,7 @@ struct VecNHWC {
       V sum{};
       for (int64_t y = r0; y < r1; ++y)
         for (int64_t z = q0; z < q1; ++z)
-          if (int64_t at = p.source(b, e, y, z); at >= 0) sum += load(p.x + at);
+          if (const T* x = source_pixel(b, y, z)) sum += load(x + e);
       store(mean + e, sum * scale);
     }
     return mean;
@@ -468,8 +626,8 @@ struct VecNHWC {
     }
   }
 
-  void generate(int64_t b, int64_t i) {
-    locate_taps(b, i);
+  void generate(int64_t b, int64_t i, T* gx) {
+    locate_taps(b, i, gx);
     for (int64_t j = 0; j < p.Wo; ++j) xbars[j] = locate_xbar(b, i, j);
     int64_t j = 0;
     for (; j + P <= p.Wo; j += P) generate_pixels<P>(i, j);
@@ -485,8 +643,8 @@ struct VecNHWC {
       V acc[N];
       for (int q = 0; q < N; ++q) acc[q] = p.bias ? load(p.bias + c) : V{};
       for (int64_t t = g * p.K; t < (g + 1) * p.K; ++t) {
-        if (row[t] == NONE) continue;
-        const T* x = p.x + (row[t] + j * step + c - groups[t]);
+        if (!tap[t]) continue;
+        const T* x = tap[t] + (tap_at(t, j) + c - groups[t]);
         for (int q = 0; q < N; ++q) acc[q] += k[(j + q) * GKP + t] * load(x + q * step);
       }
       for (int q = 0; q < N; ++q) store(out + p.at_out(b, c, i, j + q), acc[q]);
@@ -499,14 +657,14 @@ struct VecNHWC {
       int64_t g = c / p.Cg;
       V acc = p.bias ? load(p.bias + c) : V{};
       for (int64_t t = g * p.K; t < (g + 1) * p.K; ++t)
-        if (int64_t at = p.source(b, c, p.tap_row(i, t % p.K), p.tap_col(j, t % p.K)); at >= 0)
-          acc += k[j * GKP + t] * load(p.x + at);
+        if (const T* x = source_pixel(b, p.tap_row(i, t % p.K), p.tap_col(j, t % p.K)))
+          acc += k[j * GKP + t] * load(x + c);
       store(out + p.at_out(b, c, i, j), acc);
     }
   }
 
   void forward(int64_t b, int64_t i, T* out) {
-    generate(b, i);
+    generate(b, i, nullptr);
     for (int64_t j = 0; j < p.Wo;) {
       if (j + P <= p.Wo && direct(j) && direct(j + P - 1)) {  // (direct columns are contiguous)
         aggregate_pixels<P>(b, i, j, out);
@@ -522,21 +680,23 @@ struct VecNHWC {
   }
 
   // The kernels' gradients of n <= L pixels in direct columns from j (dkt's columns j, ...), and the
-  // aggregation's share of x's gradient. Tap by tap: a tree sums the pixels' products at once, and their
+  // aggregation's share of x~'s gradient. Tap by tap: a tree sums the pixels' products at once, and their
   // shares go to n different places (no pixel waits on the previous one's store).
-  void kernel_gradients_tile(int64_t b, int64_t i, int64_t j, int64_t n, const T* grad, T* gx) {
+  void kernel_gradients_tile(int64_t b, int64_t i, int64_t j, int64_t n, const T* grad) {
     const T* g = grad + p.at_out(b, 0, i, j);
     const int64_t C = p.C, step = p.sw * C, vectors = M;
     for (int64_t t = 0; t < p.GK; ++t) {
       V parts[L] = {};
-      if (row[t] != NONE) {
-        const int64_t group = groups[t], at = row[t] + j * step;
+      if (tap[t]) {
+        const T* x = tap[t] + tap_at(t, j);
+        T* gx = tap_grad[t] + tap_at(t, j);
+        const int64_t group = groups[t];
         for (int64_t q = 0; q < n; ++q) {
           const T kt = k[(j + q) * GKP + t];
           for (int64_t m = 0; m < vectors; ++m) {
-            int64_t e = at + q * step + m * L;
+            int64_t e = q * step + m * L;
             V gv = load(g + q * C + group + m * L);
-            parts[q] += gv * load(p.x + e);
+            parts[q] += gv * load(x + e);
             store(gx + e, load(gx + e) + kt * gv);
           }
         }
@@ -551,12 +711,15 @@ struct VecNHWC {
     for (int64_t t0 = 0; t0 < p.GK; t0 += L) {
       V parts[L] = {};
       for (int64_t q = 0; q < L && t0 + q < p.GK; ++q) {
-        int64_t t = t0 + q, at = p.source(b, groups[t], p.tap_row(i, t % p.K), p.tap_col(j, t % p.K));
-        if (at < 0) continue;
+        int64_t t = t0 + q, py = p.tap_row(i, t % p.K), px = p.tap_col(j, t % p.K);
+        const T* x = source_pixel(b, py, px);
+        if (!x) continue;
+        T* to = target_pixel(b, py, px, gx) + groups[t];
+        x += groups[t];
         for (int64_t m = 0; m < M; ++m) {
           V gv = load(gj + groups[t] + m * L);
-          parts[q] += gv * load(p.x + at + m * L);
-          store(gx + at + m * L, load(gx + at + m * L) + kj[t] * gv);
+          parts[q] += gv * load(x + m * L);
+          store(to + m * L, load(to + m * L) + kj[t] * gv);
         }
       }
       V sums = totals<T>(parts);
@@ -564,7 +727,7 @@ struct VecNHWC {
     }
   }
 
-  // dpre of pixels j, ..., j + N - 1 (from dk), and the generator's share of x's gradient
+  // dpre of pixels j, ..., j + N - 1 (from dk), and the generator's share of x~'s gradient
   template <int N>
   void generator_gradients(int64_t b, int64_t i, int64_t j, T* gx, T* dterm) {
     const int64_t C = p.C, R = p.R, GK = p.GK;
@@ -589,29 +752,24 @@ struct VecNHWC {
         for (int q = 0; q < N; ++q) acc[q] += dpre[(j + q) * RP + r] * w;
       }
       for (int q = 0; q < N; ++q) {
-        if (xbars[j + q] != xbar.data() + (j + q) * C) {  // xbar is a pixel of x
-          T* to = gx + (xbars[j + q] - p.x) + e;
-          store(to, load(to) + acc[q]);
-          continue;
-        }
         int64_t r0, r1, q0, q1;
         p.block(i, j + q, r0, r1, q0, q1);
         V share = acc[q] * p.block_scale(i, j + q);
         for (int64_t y = r0; y < r1; ++y)
           for (int64_t z = q0; z < q1; ++z)
-            if (int64_t at = p.source(b, e, y, z); at >= 0) store(gx + at, load(gx + at) + share);
+            if (T* to = target_pixel(b, y, z, gx)) store(to + e, load(to + e) + share);
       }
     }
   }
 
   void backward(int64_t b, int64_t i, const T* grad, T* gx, T* dterm) {
-    generate(b, i);
-    const int64_t C = p.C, R = p.R, Wo = p.Wo;
+    generate(b, i, gx);
+    const int64_t C = p.C, Wo = p.Wo;
     for (int64_t j = 0; j < Wo;) {
       int64_t n = 0;  // direct columns from j, at most L (they are contiguous)
       while (n < L && j + n < Wo && direct(j + n)) ++n;
       if (n) {
-        kernel_gradients_tile(b, i, j, n, grad, gx);
+        kernel_gradients_tile(b, i, j, n, grad);
         j += n;
       } else {
         kernel_gradients_border(b, i, j++, grad, gx);
@@ -638,7 +796,7 @@ struct VecNHWC {
   }
 
   void flush(Totals& totals) {
-    const int64_t C = p.C, R = p.R, GK = p.GK;
+    const int64_t C = p.C, R = p.R, GK = p.GK, Cx = p.Cx;
     for (int64_t r = 0; r < R; ++r) {
       totals.br[r] += sbr[r];
       for (int64_t c = 0; c < C; ++c) totals.wr[r * C + c] += swrt[c * RP + r];
@@ -646,7 +804,9 @@ struct VecNHWC {
     }
     for (int64_t t = 0; t < GK; ++t) totals.bs[t] += sbs[t];
     for (int64_t c = 0; c < C; ++c) totals.bias[c] += sbias[c];
-    for (auto* v : {&swrt, &sbr, &sws, &sbs, &sbias}) std::fill(v->begin(), v->end(), T(0));
+    for (int64_t c = 0; c < C && p.project; ++c)
+      for (int64_t e = 0; e < Cx; ++e) totals.project[c * Cx + e] += spt[e * C + c];
+    for (auto* v : {&swrt, &sbr, &sws, &sbs, &sbias, &spt}) std::fill(v->begin(), v->end(), T(0));
   }
 };
 
@@ -808,6 +968,7 @@ struct LoopNCHW {
         }
     }
   }
+  void end_task(int64_t, T*, bool) {}  // (no projection here)
   void flush(Totals& totals) { sums.flush(totals); }
 };
 
@@ -822,12 +983,12 @@ void forward_rows(const Problem<T>& p, T* out) {
 }
 
 template <typename T, typename Rows>
-void backward_rows(const Problem<T>& p, const T* grad, T* gx, T* dterm, Totals& totals) {
+void backward_rows(const Problem<T>& p, const T* grad, T* gx, T* dterm, bool input_grad, Totals& totals) {
   // Zero padding: blocks of `height` output rows. Block n scatters into padded rows [n*height*sh,
   // ((n+1)*height - 1)*sh + reach), which end before block n+2's first, (n+2)*height*sh; input rows are
   // those less the padding, or none. Other modes: one task per image, all its rows.
   const bool blocked = p.mode == ZEROS;
-  const int64_t height = blocked ? std::max<int64_t>(4, (p.reach() + p.sh - 1) / p.sh) : p.Ho;
+  const int64_t height = block_height(p);
   const int64_t blocks = (p.Ho + height - 1) / height, pairs = blocked ? (blocks + 1) / 2 : 1;
   std::mutex lock;
   for (int64_t parity = 0; parity < (blocked ? 2 : 1); ++parity) {
@@ -837,6 +998,7 @@ void backward_rows(const Problem<T>& p, const T* grad, T* gx, T* dterm, Totals& 
       for (int64_t task = begin; task < end; ++task) {
         int64_t b = task / pairs, n = 2 * (task % pairs) + parity;
         for (int64_t i = n * height; i < std::min((n + 1) * height, p.Ho); ++i) rows.backward(b, i, grad, gx, dterm);
+        rows.end_task(b, gx, input_grad);
         rows.flush(mine);
       }
       std::lock_guard<std::mutex> guard(lock);
@@ -859,62 +1021,94 @@ at::MemoryFormat layout(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-Tensor forward(const Tensor& x, const Tensor& wr, const Tensor& br, const c10::optional<Tensor>& term,
-               const Tensor& ws, const Tensor& bs, const c10::optional<Tensor>& bias, at::IntArrayRef geometry,
-               bool channels_last) {
+// Whether the vector kernel takes the projection inside (the others get x projected by ATen first).
+bool fuses_projection(const Tensor& project, int64_t groups, bool channels_last) {
+  return channels_last && project.size(0) % (groups * L) == 0;
+}
+
+Tensor projected(const Tensor& x, const Tensor& project, bool channels_last) {
+  return at::conv2d(x, project.view({project.size(0), project.size(1), 1, 1})).contiguous(layout(channels_last));
+}
+
+Tensor forward(const Tensor& x, const c10::optional<Tensor>& project, const Tensor& wr, const Tensor& br,
+               const c10::optional<Tensor>& term, const Tensor& ws, const Tensor& bs,
+               const c10::optional<Tensor>& bias, at::IntArrayRef geometry, bool channels_last) {
+  TORCH_CHECK(geometry.size() == 12, "geometry: expected 12 values");
+  if (project.has_value() && !fuses_projection(*project, geometry[6], channels_last))
+    return forward(projected(x, *project, channels_last), c10::nullopt, wr, br, term, ws, bs, bias, geometry,
+                   channels_last);
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "posconv_involution_forward", [&] {
     using T = scalar_t;
-    auto p = problem<T>(x, wr, br, term, ws, bs, bias, geometry, channels_last);
+    auto p = problem<T>(x, project, wr, br, term, ws, bs, bias, geometry, channels_last);
     out = at::empty({p.B, p.C, p.Ho, p.Wo}, x.options().memory_format(layout(channels_last)));
     with_rows(p, [&](auto* kind) { forward_rows<T, std::remove_pointer_t<decltype(kind)>>(p, out.data_ptr<T>()); });
   });
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
-    const Tensor& grad, const Tensor& x, const Tensor& wr, const Tensor& br, const c10::optional<Tensor>& term,
-    const Tensor& ws, const Tensor& bs, bool has_bias, at::IntArrayRef geometry, bool channels_last) {
-  Tensor gx, gwr, gbr, gterm, gws, gbs, gbias;
+using Gradients = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The gradients of x, project, wr, br, term (per image), ws, bs and bias; x's only with input_grad, and
+// empty tensors for absent ones.
+Gradients backward(const Tensor& grad, const Tensor& x, const c10::optional<Tensor>& project, const Tensor& wr,
+                   const Tensor& br, const c10::optional<Tensor>& term, const Tensor& ws, const Tensor& bs,
+                   bool has_bias, at::IntArrayRef geometry, bool channels_last, bool input_grad) {
+  TORCH_CHECK(geometry.size() == 12, "geometry: expected 12 values");
+  if (project.has_value() && !fuses_projection(*project, geometry[6], channels_last)) {
+    Tensor xp = projected(x, *project, channels_last);
+    auto [gxp, none, gwr, gbr, gterm, gws, gbs, gbias] =
+        backward(grad, xp, c10::nullopt, wr, br, term, ws, bs, has_bias, geometry, channels_last, true);
+    Tensor weight = project->view({project->size(0), project->size(1), 1, 1});
+    auto [gx, gproject, unused] = at::convolution_backward(gxp, x, weight, c10::nullopt, {1, 1}, {0, 0}, {1, 1},
+                                                           false, {0, 0}, 1, {input_grad, true, false});
+    return {input_grad ? gx.contiguous(layout(channels_last)) : at::empty({0}, x.options()),
+            gproject.view_as(*project), gwr, gbr, gterm, gws, gbs, gbias};
+  }
+  Gradients gradients;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "posconv_involution_backward", [&] {
     using T = scalar_t;
-    auto p = problem<T>(x, wr, br, term, ws, bs, c10::nullopt, geometry, channels_last);
+    auto p = problem<T>(x, project, wr, br, term, ws, bs, c10::nullopt, geometry, channels_last);
     TORCH_CHECK(grad.sizes() == at::IntArrayRef({p.B, p.C, p.Ho, p.Wo}) &&
                     grad.is_contiguous(layout(channels_last)) && grad.scalar_type() == x.scalar_type(),
                 "grad: expected the output's shape, layout and dtype");
     auto options = x.options();
-    gx = at::empty(x.sizes(), options.memory_format(layout(channels_last))).zero_();  // (at::zeros: NCHW)
-    gterm = term.has_value() ? at::empty({p.B, p.R, p.Ho, p.Wo}, options) : at::empty({0}, options);
+    Tensor gx = at::empty(x.sizes(), options.memory_format(layout(channels_last))).zero_();  // (at::zeros: NCHW)
+    Tensor gterm = at::empty(term.has_value() ? at::IntArrayRef({p.B, p.R, p.Ho, p.Wo}) : at::IntArrayRef({0}), options);
     T* dterm = term.has_value() ? gterm.data_ptr<T>() : nullptr;
     Totals totals(p);
     with_rows(p, [&](auto* kind) {
-      backward_rows<T, std::remove_pointer_t<decltype(kind)>>(p, grad.data_ptr<T>(), gx.data_ptr<T>(), dterm, totals);
+      backward_rows<T, std::remove_pointer_t<decltype(kind)>>(p, grad.data_ptr<T>(), gx.data_ptr<T>(), dterm,
+                                                              input_grad, totals);
     });
-    gwr = at::empty({p.R, p.C}, options), gbr = at::empty({p.R}, options);
-    gws = at::empty({p.GK, p.R}, options), gbs = at::empty({p.GK}, options);
-    gbias = has_bias ? at::empty({p.C}, options) : at::empty({0}, options);
-    T *dwr = gwr.data_ptr<T>(), *dws = gws.data_ptr<T>();
-    for (int64_t r = 0; r < p.R; ++r) {
-      for (int64_t c = 0; c < p.C; ++c) dwr[r * p.C + c] = T(totals.wr[r * p.C + c]);
-      for (int64_t t = 0; t < p.GK; ++t) dws[t * p.R + r] = T(totals.ws[r * p.GK + t]);
-    }
-    std::copy(totals.br.begin(), totals.br.end(), gbr.data_ptr<T>());
-    std::copy(totals.bs.begin(), totals.bs.end(), gbs.data_ptr<T>());
-    if (has_bias) std::copy(totals.bias.begin(), totals.bias.end(), gbias.data_ptr<T>());
+    auto from = [&](const std::vector<double>& values, at::IntArrayRef sizes) {
+      Tensor t = at::empty(sizes, options);
+      std::copy(values.begin(), values.end(), t.data_ptr<T>());
+      return t;
+    };
+    Tensor gws = from(totals.ws, {p.R, p.GK}).t().contiguous();  // (summed transposed)
+    gradients = {input_grad || !project.has_value() ? gx : at::empty({0}, options),
+                 project.has_value() ? from(totals.project, {p.C, p.Cx}) : at::empty({0}, options),
+                 from(totals.wr, {p.R, p.C}),
+                 from(totals.br, {p.R}),
+                 gterm,
+                 gws,
+                 from(totals.bs, {p.GK}),
+                 has_bias ? from(totals.bias, {p.C}) : at::empty({0}, options)};
   });
-  return {gx, gwr, gbr, gterm, gws, gbs, gbias};
+  return gradients;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(posconv_involution, m) {
   m.def(
-      "forward(Tensor x, Tensor wr, Tensor br, Tensor? term, Tensor ws, Tensor bs, Tensor? bias, "
-      "int[] geometry, bool channels_last) -> Tensor");
+      "forward(Tensor x, Tensor? project, Tensor wr, Tensor br, Tensor? term, Tensor ws, Tensor bs, "
+      "Tensor? bias, int[] geometry, bool channels_last) -> Tensor");
   m.def(
-      "backward(Tensor grad, Tensor x, Tensor wr, Tensor br, Tensor? term, Tensor ws, Tensor bs, "
-      "bool has_bias, int[] geometry, bool channels_last) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "backward(Tensor grad, Tensor x, Tensor? project, Tensor wr, Tensor br, Tensor? term, Tensor ws, "
+      "Tensor bs, bool has_bias, int[] geometry, bool channels_last, bool input_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(posconv_involution, CPU, m) {

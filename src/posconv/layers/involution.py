@@ -372,6 +372,7 @@ def _geometry_of(flat: list[int], x: torch.Tensor) -> tuple[Geometry, tuple[int,
 
 def _generated_eager(
     x: torch.Tensor,
+    project: torch.Tensor | None,
     wr: torch.Tensor,
     br: torch.Tensor,
     term: torch.Tensor | None,
@@ -381,8 +382,10 @@ def _generated_eager(
     flat: list[int],
     channels_last: bool,
 ) -> torch.Tensor:
-    """The operator's function in PyTorch ops: x~ by F.pad, kernels `ws @ relu(wr @ xbar + br + term) + bs`
-    by 1x1 convolutions, aggregated by `_ShiftedProducts`. All in one dtype, differentiable twice."""
+    """The operator's function in PyTorch ops: the projection and the generator's `wr`, `ws` as 1x1
+    convolutions, x~ by F.pad, kernels `ws @ relu(wr @ xbar + br + term) + bs`, aggregated by
+    `_ShiftedProducts`. All in one dtype, differentiable twice."""
+    x = x if project is None else F.conv2d(x, project[..., None, None])
     geometry, sizes, padding_mode = _geometry_of(flat, x)
     xp = padded(x, sizes, padding_mode)
     features = F.conv2d(generator_input(xp, *geometry), wr[..., None, None], br)
@@ -497,41 +500,36 @@ def _register_operator() -> None:
     """Shapes for tracing (torch.compile, fake tensors) and the autograd formula of the loaded operator."""
     backward = torch.ops.posconv_involution.backward
 
-    def forward_shape(x: torch.Tensor, *weights: Any) -> torch.Tensor:
-        *_, flat, channels_last = weights
+    def forward_shape(x: torch.Tensor, project: torch.Tensor | None, *rest: Any) -> torch.Tensor:
+        *_, flat, channels_last = rest
+        channels = x.shape[1] if project is None else project.shape[0]
         size = _geometry_of(flat, x)[0][3]
-        return x.new_empty((x.shape[0], x.shape[1], *size)).contiguous(memory_format=_layout(channels_last))
+        return x.new_empty((x.shape[0], channels, *size)).contiguous(memory_format=_layout(channels_last))
 
     def backward_shapes(grad: torch.Tensor, x: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, ...]:
-        wr, br, term, ws, bs, has_bias, _, _ = rest
+        project, wr, br, term, ws, bs, has_bias, _, _, input_grad = rest
         empty = x.new_empty(0)
-        term_grad = empty if term is None else x.new_empty((x.shape[0], *term.shape))
-        bias_grad = x.new_empty(x.shape[1]) if has_bias else empty
-        weight_grads = [torch.empty_like(t) for t in (wr, br, ws, bs)]
-        return torch.empty_like(x), *weight_grads[:2], term_grad, *weight_grads[2:], bias_grad
+        like = [empty if t is None else torch.empty_like(t) for t in (project, wr, br, None, ws, bs)]
+        like[3] = empty if term is None else x.new_empty((x.shape[0], *term.shape))
+        x_grad = torch.empty_like(x) if input_grad or project is None else empty
+        return x_grad, *like, x.new_empty(grad.shape[1]) if has_bias else empty
 
     def save(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         *tensors, ctx.flat, ctx.channels_last = inputs
         ctx.save_for_backward(*tensors)
 
     def gradients(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, wr, br, term, ws, bs, bias = ctx.saved_tensors
+        x, project, wr, br, term, ws, bs, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a differentiable backward, through the eager form
             return _differentiable_gradients(ctx, grad)
         grad = grad.contiguous(memory_format=_layout(ctx.channels_last))
-        results = backward(grad, x, wr, br, term, ws, bs, bias is not None, ctx.flat, ctx.channels_last)
-        gx, gwr, gbr, gterm, gws, gbs, gbias = results
-        return (
-            gx,
-            gwr,
-            gbr,
-            None if term is None else gterm.sum(0),
-            gws,
-            gbs,
-            None if bias is None else gbias,
-            None,
-            None,
-        )
+        input_grad = ctx.needs_input_grad[0]
+        arguments = (x, project, wr, br, term, ws, bs, bias is not None, ctx.flat, ctx.channels_last)
+        with torch.autocast(x.device.type, enabled=False):  # (a backward called under autocast)
+            gx, gproject, gwr, gbr, gterm, gws, gbs, gbias = backward(grad, *arguments, input_grad)
+        results = [gx if input_grad else None, gproject if project is not None else None, gwr, gbr]
+        results += [None if term is None else gterm.sum(0), gws, gbs, None if bias is None else gbias]
+        return (*results, None, None)
 
     torch.library.register_fake("posconv_involution::forward")(forward_shape)
     torch.library.register_fake("posconv_involution::backward")(backward_shapes)
@@ -542,7 +540,7 @@ def _differentiable_gradients(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tenso
     """The operator's gradients as a graph (double backward): the eager formulation recomputed."""
     inputs = ctx.saved_tensors
     wanted = [t is not None and needs for t, needs in zip(inputs, ctx.needs_input_grad, strict=False)]
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast(grad.device.type, enabled=False):
         y = _generated_eager(*inputs, ctx.flat, ctx.channels_last)
     found = iter(
         torch.autograd.grad(y, [t for t, w in zip(inputs, wanted, strict=True) if w], grad, create_graph=True)
@@ -552,21 +550,22 @@ def _differentiable_gradients(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tenso
 
 def _generated(
     x: torch.Tensor,
-    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    weights: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     term: torch.Tensor | None,
     bias: torch.Tensor | None,
     flat: list[int],
     channels_last: bool,
 ) -> torch.Tensor:
-    """The generated involution of x (all in one dtype): the compiled operator on CPU where it runs, else
-    the eager formulation."""
-    wr, br, ws, bs = weights
+    """The generated involution of x (all in one dtype; weights: project or None, wr, br, ws, bs): the
+    compiled operator on CPU where it runs, else the eager formulation."""
+    project, wr, br, ws, bs = weights
     if x.device.type == "cpu" and (_native if torch.compiler.is_compiling() else native_ready()):
         x = x.contiguous(memory_format=_layout(channels_last))
-        return torch.ops.posconv_involution.forward(x, wr, br, term, ws, bs, bias, flat, channels_last)
+        operator = torch.ops.posconv_involution.forward
+        return operator(x, project, wr, br, term, ws, bs, bias, flat, channels_last)
     if x.device.type != "cpu" and not torch.compiler.is_compiling():
         acceleration.fall_back(OP, f"no compiled implementation on {x.device.type}")
-    return _generated_eager(x, wr, br, term, ws, bs, bias, flat, channels_last)
+    return _generated_eager(x, project, wr, br, term, ws, bs, bias, flat, channels_last)
 
 
 # ---- the layers ----
@@ -634,9 +633,7 @@ class Involution2d(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels_last = is_channels_last(x)  # the output's format is the input's, whatever the projection's
-        if self.project is not None:
-            x = self.project(x)
+        channels_last = is_channels_last(x)
         out_dtype, dtype = _compute_dtype(x, self.reduce.weight)
         sizes = pad_sizes(self.kernel_size, self.dilation, self.padding)
         check_padding((x.shape[-2], x.shape[-1]), sizes, self.padding_mode)
@@ -644,12 +641,12 @@ class Involution2d(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             out_size = _geometry_of(flat, x)[0][3]
-            reduce, span = self.reduce, self.span
+            project, reduce, span = self.project, self.reduce, self.span
             weights = (reduce.weight.flatten(1), reduce.bias, span.weight.flatten(1), span.bias)
-            weights = tuple(w.to(dtype).contiguous() for w in weights)
+            project_weight = None if project is None else project.weight.flatten(1).to(dtype).contiguous()
+            weights = (project_weight, *(w.to(dtype).contiguous() for w in weights))
             bias = None if self.bias is None else self.bias.to(dtype)
-            term = self.generator_term(x, out_size)
-            y = _generated(x, weights, term, bias, flat, channels_last)  # type: ignore[arg-type]
+            y = _generated(x, weights, self.generator_term(x, out_size), bias, flat, channels_last)
         return y.to(out_dtype)
 
     def extra_repr(self) -> str:
