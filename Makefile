@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup repro test lint lock
+.PHONY: setup repro verify models bundle test lint lock
 
 setup: $(INSTALLED)
 
@@ -19,6 +19,18 @@ $(INSTALLED): pyproject.toml constraints.txt
 
 repro: $(INSTALLED)  ## data, trainings, evaluation, report
 	dvc repro
+
+MODEL_STAGES := train_vanilla train_coordbias train_coordconv families/dvc.yaml:train
+
+models: $(INSTALLED)  ## the committed models from the repository's own DVC remote (bundled/), no training
+	dvc pull -r bundled $(MODEL_STAGES)
+
+bundle: $(INSTALLED)  ## after dvc repro: bundled/ holds exactly the current models (then commit it)
+	rm -rf bundled
+	dvc push -r bundled $(MODEL_STAGES)
+
+verify: $(INSTALLED)  ## after make repro: does the reproduction agree with the committed results?
+	python -m posconv.tools.verify
 
 test: $(INSTALLED) lint  ## tests, then the metrics gate on the committed results
 	pytest -q

@@ -28,46 +28,80 @@ def deep_update(data: dict, changes: dict) -> dict:
     return data
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
+def make_project(directory: Path) -> Path:
     """The project's pipeline files and sources in a fresh git repo with tiny params, committed."""
-    inputs = ("metrics/study.json", "metrics/bench_layers.json")  # committed inputs of the report stage
+    inputs = ("metrics/study.json", "metrics/bench_layers.json")  # committed inputs of the study's report
     for name in ("src", ".dvc", "dvc.yaml", "families", ".dvcignore", ".gitignore", *inputs):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(
-                source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache")
+                source, directory / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache")
             )
         else:
-            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source, tmp_path / name)
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, directory / name)
     params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "config", "user.name", "test"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "config", "user.email", "test@example.invalid"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "commit", "-qm", "tiny project"], cwd=tmp_path, check=True)
-    return tmp_path
+    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (
+        ["init", "-q"],
+        ["config", "user.name", "test"],
+        ["config", "user.email", "t@example.invalid"],
+    ):
+        subprocess.run(["git", *command], cwd=directory, check=True)
+    commit(directory, "tiny project")
+    return directory
 
 
-@pytest.fixture
-def sh(project: Path) -> Callable[..., subprocess.CompletedProcess]:
-    """Run a command in the project copy, with its own sources first on the Python path."""
-    env = {**os.environ, "PYTHONPATH": str(project / "src"), "DVC_NO_ANALYTICS": "1"}
+def commit(directory: Path, message: str) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=directory, check=True)
+    subprocess.run(["git", "commit", "-qm", message], cwd=directory, check=True)
+
+
+def runner(directory: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run a command in a project copy, with its own sources first on the Python path."""
+    env = {**os.environ, "PYTHONPATH": str(directory / "src"), "DVC_NO_ANALYTICS": "1"}
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env["PATH"]
 
     def run(*command: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
+        result = subprocess.run(command, cwd=directory, env=env, capture_output=True, text=True)
         if check and result.returncode:
             raise AssertionError(
                 f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
             )
         return result
 
-    run.env = env
+    run.env = env  # type: ignore[attr-defined]
     return run
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A fresh tiny project, committed, nothing run."""
+    return make_project(tmp_path)
+
+
+@pytest.fixture
+def sh(project: Path) -> Callable[..., subprocess.CompletedProcess]:
+    return runner(project)
+
+
+@pytest.fixture(scope="session")
+def reproduced_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project after `dvc repro` of the card, results committed: built once per test process for
+    the tests that only need results to start from (each gets its own copy, `reproduced`)."""
+    directory = make_project(tmp_path_factory.mktemp("reproduced") / "project")
+    runner(directory)("dvc", "repro")
+    commit(directory, "tiny results")
+    return directory
+
+
+@pytest.fixture
+def reproduced(reproduced_template: Path, tmp_path: Path) -> Path:
+    """A copy of the reproduced tiny project (data, models, DVC cache and git history included)."""
+    directory = tmp_path / "project"
+    shutil.copytree(reproduced_template, directory, symlinks=True)
+    return directory
 
 
 @pytest.fixture

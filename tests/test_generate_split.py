@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from posconv.data import load_scenes, load_split
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+LABEL_RGB = [(0x1A, 0x1A, 0x1A), (0xFF, 0x9F, 0x1C), (0x2E, 0xC4, 0xB6), (0xE7, 0x1D, 0x36)]  # LABEL_COLOURS
 OUTPUTS = ("data/scenes", "plots/data/preview.png", "data/split.npz", "metrics/data.json")
 
 
@@ -34,20 +37,21 @@ def make_project(directory: Path, **changes: Any) -> Path:
     return directory
 
 
-def stage(directory: Path, name: str) -> subprocess.CompletedProcess[str]:
+def stage(directory: Path, name: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", f"posconv.stages.{name}"],
         cwd=directory,
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
-def run_pipeline(directory: Path) -> dict[str, str]:
+def run_pipeline(directory: Path, env: dict[str, str] | None = None) -> dict[str, str]:
     """Run generate then split; the SHA-256 of every output file, by path."""
     for name in ("generate", "split"):
-        result = stage(directory, name)
+        result = stage(directory, name, env)
         assert result.returncode == 0, result.stderr
     files = [p for out in OUTPUTS for p in sorted((directory / out).rglob("*")) or [directory / out]]
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
@@ -74,7 +78,12 @@ def test_stages_write_the_data_set_split_and_metrics(project: tuple[Path, dict[s
         want = np.bincount(scenes.labels[split[name]].ravel(), minlength=4) / (len(split[name]) * 32 * 32)
         np.testing.assert_allclose(list(fractions.values()), want, atol=1e-6)
         assert min(fractions.values()) > 0, name  # every split holds every class
-    assert (directory / "plots/data/preview.png").read_bytes()[:4] == b"\x89PNG"
+    with Image.open(directory / "plots/data/preview.png") as preview:  # decoded by an independent reader
+        pixels = np.asarray(preview.convert("RGB"))
+    gap = 4  # the first tile, then its label map, after a gap
+    np.testing.assert_array_equal(pixels[gap : gap + 32, gap : gap + 32], scenes.images[0])
+    label_tile = pixels[gap : gap + 32, 2 * gap + 32 : 2 * gap + 64]
+    np.testing.assert_array_equal(np.array(LABEL_RGB)[scenes.labels[0]], label_tile)
 
 
 def test_same_params_same_bytes_other_seed_other_data(
@@ -85,6 +94,49 @@ def test_same_params_same_bytes_other_seed_other_data(
     other = run_pipeline(make_project(tmp_path / "other", seed=1))
     for path in ("data/scenes/images.npy", "data/scenes/circles.csv", "data/split.npz"):
         assert other[path] != hashes[path], path
+
+
+# What differs between the CPUs this project meets: OpenBLAS picks its kernels by CPU, numpy its SIMD
+# code (X86_V4: AVX-512; X86_V3: AVX2 and FMA), and both their threads. Before the generator avoided
+# BLAS and library cos/sin, these gave three different images.npy from one seed.
+MACHINES = {
+    "OpenBLAS Prescott (generic), 1 thread": {
+        "OPENBLAS_CORETYPE": "Prescott", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+    },
+    "OpenBLAS Haswell": {"OPENBLAS_CORETYPE": "Haswell"},
+    "OpenBLAS SkylakeX, 2 threads": {"OPENBLAS_CORETYPE": "SkylakeX", "OPENBLAS_NUM_THREADS": "2"},
+    "OpenBLAS Zen": {"OPENBLAS_CORETYPE": "Zen"},
+    "numpy without AVX-512": {"NPY_DISABLE_CPU_FEATURES": "X86_V4,AVX512_ICL,AVX512_SPR"},
+    "numpy without AVX2": {"NPY_DISABLE_CPU_FEATURES": "X86_V3,X86_V4,AVX512_ICL,AVX512_SPR"},
+}  # fmt: skip
+
+
+def test_the_data_bytes_do_not_depend_on_the_machine(tmp_path: Path) -> None:
+    """generate and split give the same bytes under every BLAS kernel, numpy SIMD level and thread count."""
+    hashes = {
+        machine: run_pipeline(make_project(tmp_path / str(index), **{"generate.size": 64}), env)
+        for index, (machine, env) in enumerate(MACHINES.items())
+    }
+    first = next(iter(hashes.values()))
+    assert {machine: h == first for machine, h in hashes.items()} == dict.fromkeys(MACHINES, True)
+
+
+# The data set's fingerprint at seed 0, 64 px, 40 images (val 0.25, test 0.2): a change of these bytes is a
+# new data set, and every committed result downstream of it is stale.
+PINNED = {
+    "data/scenes/images.npy": "38409f6409306f47",
+    "data/scenes/labels.npy": "e5fced841c9759d0",
+    "data/scenes/owners.npy": "8b28d9441695749a",
+    "data/scenes/circles.csv": "2e0a115fb25fc7f4",
+    "plots/data/preview.png": "fc5282a9e3fad7ad",
+    "data/split.npz": "25c2af5f2bdff7ac",
+    "metrics/data.json": "d48d76a2950bb343",
+}
+
+
+def test_the_data_set_is_pinned(tmp_path: Path) -> None:
+    hashes = run_pipeline(make_project(tmp_path, **{"generate.size": 64}))
+    assert {path: hashes[path][:16] for path in PINNED} == PINNED
 
 
 @pytest.mark.parametrize(

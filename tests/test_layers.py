@@ -196,6 +196,10 @@ def test_every_factory_layer_serves_as_the_encoders_convolution(name: str, tmp_p
         ("vanilla", dict(coords_per_input=True), "coords_per_input"),
         ("coordconv", dict(coords_per_input=True), "coords_per_input"),
         ("coorddeform", dict(coords_per_input=True), "coords_per_input"),
+        ("dss", dict(coords="seed"), "coords"),
+        ("dss_bilinear", dict(zero_scale=0.5), "zero_scale"),
+        ("dss_deform", dict(reduction=2), "reduction"),
+        ("local", dict(coords="seed"), "coords"),
     ],
 )
 def test_factory_refuses_options_the_layer_does_not_take(name: str, options: dict, unused: str) -> None:

@@ -74,7 +74,8 @@ def scene() -> dict:
 
 
 def _score(scene: dict, preds: np.ndarray) -> dict:
-    return score(scene["labels"], preds, scene["images"], scene["owners"], CIRCLES, IMAGE_IDS, bins=2)
+    votes = circle_votes(preds, scene["owners"], CIRCLES, IMAGE_IDS)
+    return score(scene["labels"], preds, scene["images"], votes, bins=2)
 
 
 def _votes(scene: dict, preds: np.ndarray) -> pd.DataFrame:
@@ -217,11 +218,6 @@ def test_score_is_plain_json(scene: dict) -> None:
         assert json.loads(json.dumps(result, allow_nan=False)) == result
     assert without["circle_accuracy"] is without["position_accuracy"] is None
     assert without["position_error_rate"] == 0.0
-
-
-def test_score_wants_all_circle_info_or_none(scene: dict) -> None:
-    with pytest.raises(ValueError, match="together"):
-        score(scene["labels"], scene["labels"], scene["images"], owners=scene["owners"])
 
 
 @pytest.mark.parametrize(

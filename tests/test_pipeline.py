@@ -20,7 +20,7 @@ from conftest import ROOT
 
 from posconv.engine import resolve_precision
 from posconv.model import spec_fields
-from posconv.registry import CONTENT_ADAPTIVE, LAYERS
+from posconv.registry import FAMILIES, LAYERS
 
 STAGES = ["generate", "split", "train_vanilla", "train_coordbias", "train_coordconv", "evaluate", "report"]
 MODELS = list(LAYERS)
@@ -76,6 +76,35 @@ def covers(listed: set[str], read: set[str]) -> bool:
     return listed - folders == read - inside and all(
         any(p.startswith(f + "/") for p in inside) for f in folders
     )
+
+
+def test_dvc_yaml_has_the_stages_and_lists_exactly_the_sources_each_reads() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == ["check_params", *STAGES]
+    families = yaml.safe_load((ROOT / "families/dvc.yaml").read_text())["stages"]
+    families["train"] = families["train"]["do"]
+    assert list(families) == ["train", "evaluate"]
+    for name, stage in [*stages.items(), *families.items()]:
+        module = re.match(r"python -m (posconv\.stages\.\w+)", stage["cmd"]).group(1)
+        assert covers(listed_sources(stage), sources(module)), name
+
+
+def test_every_stage_runs_after_the_params_are_checked() -> None:
+    """check_params first: every other stage of every pipeline depends on its output."""
+    for path in ("dvc.yaml", "families/dvc.yaml", "study/dvc.yaml"):
+        for name, stage in yaml.safe_load((ROOT / path).read_text())["stages"].items():
+            stage = stage.get("do", stage)
+            assert name == "check_params" or "metrics/params_checked.json" in stage["deps"], (path, name)
+
+
+def test_study_and_benchmark_stages_list_the_sources_their_results_depend_on() -> None:
+    """The benchmark times the layers through its own module; the study's experiments run the train and
+    evaluate stages, so their sources are the study's too."""
+    stages = yaml.safe_load((ROOT / "study/dvc.yaml").read_text())["stages"]
+    assert covers(listed_sources(stages["bench_layers"]), sources("posconv.tools.bench"))
+    study = sources("posconv.tools.study", "posconv.stages.train", "posconv.stages.evaluate")
+    assert covers(listed_sources(stages["study"]), study)
+    assert covers(listed_sources(stages["report"]), sources("posconv.stages.report"))
 
 
 def library_modules() -> list[str]:
@@ -152,7 +181,7 @@ def in_unit_interval(value: float | None) -> bool:
     return value is not None and 0.0 <= value <= 1.0
 
 
-FAMILY_TRAINS = {f"train@{family}" for family in CONTENT_ADAPTIVE}
+FAMILY_TRAINS = {f"train@{family}" for family in FAMILIES}
 
 
 def check_scores(result: dict, images: int, size: int) -> None:
@@ -170,7 +199,7 @@ def check_scores(result: dict, images: int, size: int) -> None:
 
 def check_family_outputs(project: Path) -> None:
     test_images = read(project, "metrics/data.json")["test"]["images"]
-    for family in CONTENT_ADAPTIVE:
+    for family in FAMILIES:
         check_scores(read(project, f"metrics/families/{family}.json"), test_images, 32)
         spec = torch.load(project / f"models/{family}.pt", weights_only=True)["spec"]
         assert spec["layer"] == family and spec["placement"] == "first"  # families.placement

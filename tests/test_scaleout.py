@@ -4,7 +4,9 @@ clones through a git remote and a DVC remote. Real DVC, real training, tiny size
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import yaml
 
 from posconv.registry import evaluate_metrics, model_path
 from posconv.tools.experiments import finished
+
+ROOT = Path(__file__).resolve().parents[1]
 
 QUEUE_GRID = """
 import sys
@@ -93,3 +97,40 @@ def test_experiments_and_models_travel_through_a_git_remote_and_a_dvc_remote(
     recorded = next(out for out in lock["stages"]["train_coordbias"]["outs"] if out["path"] == model)
     assert in_clone("md5sum", model).stdout.split()[0] == recorded["md5"]
     assert (clone / model).read_bytes() != (project / model).read_bytes()  # seed 1, not seed 0
+
+
+def test_a_clone_elsewhere_gets_the_models_from_the_repository_and_the_same_data_by_regenerating(
+    project: Path, sh: Callable, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`make bundle` then `make models`: the trained models travel inside the repository (its DVC remote
+    `bundled/`, committed to git), and the data, whose bytes do not depend on the machine, regenerates
+    to the hashes the lock records: the clone is up to date without training."""
+    sh("git", "rm", "-q", "families/dvc.yaml")  # the card's pipeline alone, to keep the test short
+    sh("dvc", "repro")
+    card = "MODEL_STAGES=train_vanilla train_coordbias train_coordconv"  # families/dvc.yaml is not here
+    sh(
+        "make",
+        "-f",
+        str(ROOT / "Makefile"),
+        "bundle",
+        card,
+        f"BIN={Path(sys.executable).parent}",
+        "INSTALLED=",
+    )
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "trained; the models bundled")
+    clone = tmp_path_factory.mktemp("elsewhere") / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+
+    def in_clone(*command: str) -> subprocess.CompletedProcess:
+        env = {**sh.env, "PYTHONPATH": str(clone / "src")}
+        result = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
+        return result
+
+    in_clone("dvc", "pull", "-r", "bundled", "train_vanilla", "train_coordbias", "train_coordconv")
+    for layer in ("vanilla", "coordbias", "coordconv"):
+        assert (clone / model_path(layer)).read_bytes() == (project / model_path(layer)).read_bytes()
+    ran = in_clone("dvc", "repro").stdout  # regenerates the data; nothing else needs to run
+    assert set(re.findall(r"Running stage '(\w+)'", ran)) == {"generate", "split"}
+    assert "up to date" in in_clone("dvc", "status").stdout

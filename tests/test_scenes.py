@@ -7,7 +7,7 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from posconv.scenes import CIRCLE_COLUMNS, background, draw_scenes, image_stream, perlin_noise
+from posconv.scenes import CIRCLE_COLUMNS, background, draw_scenes, image_stream, perlin_noise, unit_vectors
 
 RGB = {"yellow": (255, 255, 0), "red": (255, 0, 0)}
 
@@ -135,3 +135,10 @@ def test_an_image_depends_only_on_seed_and_id() -> None:
     pd.testing.assert_frame_equal(part.circles, whole.circles.iloc[9:15].reset_index(drop=True))
     other = draw_scenes(6, 32, image_stream(10, 0))
     assert not np.array_equal(other.images, whole.images)
+
+
+def test_gradient_directions_are_cos_and_sin_to_float32_rounding() -> None:
+    turns = np.random.default_rng(3).random(100_000)
+    angle = 2 * np.pi * (turns - 0.5)
+    vectors = unit_vectors(turns).astype(np.float64)
+    np.testing.assert_allclose(vectors, np.stack([np.cos(angle), np.sin(angle)], -1), rtol=0, atol=6e-8)

@@ -26,15 +26,17 @@ from posconv.grid import (
     quantities,
     verdict,
 )
-from posconv.registry import CONTENT_ADAPTIVE, LAYERS
+from posconv.registry import FAMILIES, LAYERS, model_metrics
 from posconv.tools.experiments import Experiment, finished
-from posconv.tools.study import grid, metric_paths
+from posconv.tools.study import grid
 
 READERS = quantities([96], [8], [1.5])
 # position recall by model: coordbias and its first form learn position, the families with coordinates
 # too; vanilla and the content-adaptive layers alone do not; each seed adds jitter
 RECALL = {"vanilla": 0.45, "coordbias": 0.93, "coordconv": 0.93, "involution": 0.45, "deform": 0.45,
-          "coordinvolution": 0.9, "coorddeform": 0.9}  # fmt: skip
+          "coordinvolution": 0.9, "coorddeform": 0.9, "dss": 0.45, "dss_bilinear": 0.45, "dss_deform": 0.45,
+          "local": 0.92}  # fmt: skip
+SCALE_ERROR = {"dss": 0.05, "dss_deform": 0.04}  # the others 0.1
 
 
 def fake_run(variant: str, seed: int) -> dict:
@@ -43,10 +45,10 @@ def fake_run(variant: str, seed: int) -> dict:
     for model in VARIANTS[variant].models:
         recall = RECALL[model] + 0.01 * (seed % 3)
         scores = {"recall": [0.99, recall, recall, recall], "miou": recall - 0.1}
-        evaluation, training = metric_paths(model)
+        evaluation, training = model_metrics(model)
         files[evaluation] = {
             **scores, "transfer": {"96": scores},
-            "equivariance": {"translation": {"8": 1 - recall}, "scale": {"1.5": 0.1}},
+            "equivariance": {"translation": {"8": 1 - recall}, "scale": {"1.5": SCALE_ERROR.get(model, 0.1)}},
         }  # fmt: skip
         files[training] = {
             "steps_to_position_recall_0_9": None if recall < 0.9 else 20 + seed, "steps": 60,
@@ -62,7 +64,7 @@ def fake_runs() -> dict[str, dict]:
 
 
 def fake_study() -> dict:
-    results = aggregate(fake_runs(), READERS, metric_paths)
+    results = aggregate(fake_runs(), READERS, model_metrics)
     return {
         "replicates": REPLICATES, "scale": {"generate.size": 64}, "cost": {"wall_s": 100.0, "cpu_s": 190.0},
         "variants": {n: {"changes": v.changes, "models": v.models, "seeds": v.seeds}
@@ -75,11 +77,11 @@ def fake_study() -> dict:
 def test_experiments_are_named_and_set_params_as_dvc_expects() -> None:
     experiments = {experiment.name: experiment for experiment in grid({"generate.size": 64})}
     assert len(experiments) == sum(len(v.seeds) for v in VARIANTS.values()) and len(SEEDS) >= 10
-    assert all(len(v.seeds) >= 5 for v in VARIANTS.values())
+    assert all(v.seeds == SEEDS for v in VARIANTS.values())  # every variant on both replicates
     args = experiments["study-batchnorm-s2"].queue_args()
-    assert args[:6] == ["exp", "run", "--queue", "-f", "-n", "study-batchnorm-s2"]
-    assert args[6:-1:2] == ["-S"] * 4 and args[-1] == "evaluate"
-    assert args[7:-1:2] == ["seed=2", "train.seed=2", "generate.size=64", "model.encoder_batchnorm=true"]
+    assert args[:5] == ["exp", "run", "--queue", "-n", "study-batchnorm-s2"]  # no --force: run-cache
+    assert args[5:-1:2] == ["-S"] * 4 and args[-1] == "evaluate"
+    assert args[6:-1:2] == ["seed=2", "train.seed=2", "generate.size=64", "model.encoder_batchnorm=true"]
     assert experiments["study-families-s3"].queue_args()[-1] == "families/dvc.yaml:evaluate"
     assert Experiment("x", {"a": 1.5}, "train_vanilla").queue_args()[-3:] == ["-S", "a=1.5", "train_vanilla"]
     names = [e.name for e in grid({})]  # variant by variant: the run-cache serves later variants
@@ -109,10 +111,15 @@ def test_finished_study_experiments_are_found_in_exp_show() -> None:
         {"rev": "HEAD", "experiments": [newer, running, failed, queued, other]},
         {"rev": "HEAD~1", "experiments": [older]},
     ]
-    assert finished(shown, prefix="study-") == {"study-baseline-s0": "abc", "study-wide-s0": "0k"}
-    assert finished(shown, prefix="my-") == {"my-experiment": "123"}
+
+    def revisions(found: dict) -> dict:
+        return {name: run.revision for name, run in found.items()}
+
+    assert revisions(finished(shown, prefix="study-")) == {"study-baseline-s0": "abc", "study-wide-s0": "0k"}
+    assert revisions(finished(shown, prefix="my-")) == {"my-experiment": "123"}
     since = datetime.datetime(2026, 11, 22, 3, 1)  # a grid that started then: only what finished after
-    assert finished(shown, since=since) == {"study-baseline-s0": "abc", "study-wide-s0": "0k"}
+    assert revisions(finished(shown, since=since)) == {"study-baseline-s0": "abc", "study-wide-s0": "0k"}
+    assert finished(shown, prefix="study-")["study-wide-s0"].at == datetime.datetime(2026, 11, 22, 3, 3)
 
 
 def _t_density(x: float, df: int) -> float:
@@ -172,10 +179,16 @@ def test_results_and_verdicts_follow_the_metrics() -> None:
     family = rows[("Families: coordinvolution vs involution", "translation_error_8")]
     assert family["all"]["difference"] == pytest.approx(-0.45) and family["all"]["verdict"] == "A lower"
     assert family["seeds"] == list(VARIANTS["families"].seeds)  # the seeds both arms ran
-    assert family["B"] is None and family["replicated"] is None  # the families ran one replicate
+    assert family["B"] is not None and family["replicated"]  # every variant runs both replicates
     versus_vanilla = rows[("Families: involution vs vanilla", "position_recall")]
-    assert versus_vanilla["seeds"] == list(REPLICATES["A"]) and versus_vanilla["A"] is not None
+    assert versus_vanilla["seeds"] == list(SEEDS) and versus_vanilla["A"] is not None
     assert rows[("Headline: coordbias vs vanilla", "parameters")]["all"]["verdict"] is None
+    dss = rows[("DSS: dss vs vanilla", "scale_error_1.5")]
+    assert dss["answers"] and dss["all"]["verdict"] == "A lower"  # a scale question, answered by scale
+    assert not rows[("DSS: dss vs vanilla", "position_recall")]["answers"]
+    assert (
+        rows[("Spatial-specific filter: local vs vanilla", "position_recall")]["all"]["verdict"] == "A higher"
+    )
 
 
 def test_a_verdict_that_differs_between_replicates_is_not_replicated() -> None:
@@ -183,7 +196,7 @@ def test_a_verdict_that_differs_between_replicates_is_not_replicated() -> None:
     for seed in REPLICATES["B"]:  # the second replicate: BatchNorm erases coordbias's gain
         scores = runs[f"study-batchnorm-s{seed}"]["metrics/evaluate/coordbias.json"]
         scores["recall"] = [0.99, 0.45, 0.45, 0.45 + 0.01 * seed]
-    results = aggregate(runs, READERS, metric_paths)
+    results = aggregate(runs, READERS, model_metrics)
     rows = {(r["question"], r["quantity"]): r for r in compare(results, READERS)}
     bn = rows[("Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm", "position_recall")]
     assert bn["A"]["verdict"] == "A higher" and bn["B"]["verdict"] != "A higher" and not bn["replicated"]
@@ -191,8 +204,8 @@ def test_a_verdict_that_differs_between_replicates_is_not_replicated() -> None:
 
 def test_every_factory_layer_is_in_the_study() -> None:
     studied = {model for variant in VARIANTS.values() for model in variant.models}
-    assert studied == set(LAYERS) | set(CONTENT_ADAPTIVE)
-    assert metric_paths("deform")[0] == "metrics/families/deform.json"
+    assert studied == set(LAYERS) | set(FAMILIES)
+    assert model_metrics("deform")[0] == "metrics/families/deform.json"
 
 
 def test_a_study_file_of_another_format_is_refused_in_one_line() -> None:
@@ -227,7 +240,7 @@ def test_dvc_status_shows_the_study_and_the_benchmark_stale_when_their_inputs_ch
     params.write_text(original)
     with (checkout / "src/posconv/grid.py").open("a") as source:
         source.write("# another grid\n")
-    assert changed_stages(checkout) == {"study"}
+    assert changed_stages(checkout) == {"study", "report"}  # the study's report renders the grid's rows
     with (checkout / "src/posconv/layers/factory.py").open("a") as source:
         source.write("# another layer\n")
     assert changed_stages(checkout) == {"study", "bench_layers"}

@@ -19,6 +19,7 @@ from posconv.errors import BadInput
 from posconv.registry import DEVICE_PATTERN, INT64_MAX
 
 DVC_STAGE_VARIABLE = "DVC_STAGE"  # DVC sets it for every command it runs
+ELASTIC_RANK_VARIABLE = "TORCHELASTIC_RUN_ID"  # torch's elastic launcher (torchrun) sets it for every rank
 _WATCH_INTERVAL_S = 0.2
 
 
@@ -87,9 +88,12 @@ def _watch(links: list[tuple[int, int]]) -> None:
 
 
 def _end_with_launcher() -> None:
-    """Under DVC on Linux, end the stage when the `dvc` that runs it ends: DVC dies on SIGTERM without
-    passing it on, and a stage running on without DVC would write outputs nobody records."""
-    if DVC_STAGE_VARIABLE not in os.environ or not Path("/proc/self/stat").exists():
+    """On Linux, end this process when the process that launched it ends: under DVC, the `dvc` that
+    runs the stage (DVC dies on SIGTERM without passing it on); as a DDP rank, its launcher (a launcher
+    killed with SIGKILL cannot end its ranks). A stage or rank running on alone would write outputs that
+    nobody records, over those of the next run."""
+    launched = DVC_STAGE_VARIABLE in os.environ or ELASTIC_RANK_VARIABLE in os.environ
+    if not launched or not Path("/proc/self/stat").exists():
         return
     links = _launch_chain()
     if links[-1][1] == 1:  # the launcher ended before this process started: init adopted the chain
@@ -97,16 +101,23 @@ def _end_with_launcher() -> None:
     threading.Thread(target=_watch, args=(links,), name="end-with-launcher", daemon=True).start()
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """Run a stage's `main(argv)`; SIGTERM unwinds like Ctrl-C so atomic writes clean up."""
+def run(main: Callable[[list[str]], None], on_failure: Callable[[], None] | None = None) -> None:
+    """Run a stage's or tool's `main(argv)`; SIGTERM unwinds like Ctrl-C so atomic writes clean up.
+    `on_failure` runs when `main` fails in any way (a stage puts back the outputs DVC removed)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # an ignored Ctrl-C stays ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _end_with_launcher()
         main(sys.argv[1:])
-    except BadInput as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        sys.exit(130)
+    except BaseException as failure:
+        if on_failure and not (isinstance(failure, SystemExit) and failure.code in (0, None)):
+            on_failure()
+        if isinstance(failure, BadInput):
+            print(f"error: {failure}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(failure, KeyboardInterrupt):
+            print("interrupted: no output written", file=sys.stderr)
+            sys.exit(130)
+        raise

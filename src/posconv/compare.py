@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from posconv.metrics import position_recall
 from posconv.registry import BASELINE
@@ -20,18 +20,18 @@ QUANTITIES: dict[str, Callable[[dict, dict], float | None]] = {
 }
 
 
-def transfer_quantities(evaluation: dict) -> dict[str, Callable[[dict, dict], float | None]]:
-    """Position recall on unseen scenes at each other size the evaluation scored (`transfer`)."""
+def transfer_quantities(sizes: Iterable[int | str]) -> dict[str, Callable[[dict, dict], float | None]]:
+    """Position recall on unseen scenes at each of `sizes` (an evaluation's `transfer` keys)."""
     return {
-        f"position_recall_at_{size}": lambda e, t, s=size: position_recall(e["transfer"][s]["recall"])
-        for size in evaluation.get("transfer", {})
+        f"position_recall_at_{size}": lambda e, t, s=str(size): position_recall(e["transfer"][s]["recall"])
+        for size in sizes
     }
 
 
 def headline(layer: str, evaluation: dict[str, dict], training: dict[str, dict]) -> dict:
     """For each headline quantity: vanilla's value, the layer's, and the layer's minus vanilla's."""
     summary: dict = {"layer": layer}
-    for key, read in (QUANTITIES | transfer_quantities(evaluation[BASELINE])).items():
+    for key, read in (QUANTITIES | transfer_quantities(evaluation[BASELINE].get("transfer", {}))).items():
         base, value = (read(evaluation[m], training[m]) for m in (BASELINE, layer))
         difference = None if base is None or value is None else value - base
         summary[key] = {BASELINE: base, layer: value, "difference": difference}

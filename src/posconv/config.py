@@ -147,6 +147,14 @@ class Params(_Group):
                 raise BadInput(f"evaluate.scales: {scale:g}: rescales generate.size = {size} below 8 px")
         return self
 
+    @model_validator(mode="after")
+    def _evaluation_fits_the_test_split(self) -> Params:
+        test = self.split_sizes()["test"]
+        for key in ("equivariance_images", "examples"):
+            if (value := getattr(self.evaluate, key)) > test:
+                raise BadInput(f"evaluate.{key} = {value}: expected at most the test split's {test} images")
+        return self
+
     def split_sizes(self) -> dict[str, int]:
         """Images per split: val and test rounded from their fractions, train takes the rest."""
         val = round(self.generate.images * self.split.val)
@@ -178,6 +186,12 @@ def _group_at(loc: tuple[int | str, ...]) -> type[BaseModel]:
     return group
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """A value's repr, cut to `limit` characters (a deeply nested or huge value stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(error: ErrorDetails) -> str:
     """One line for pydantic's first error: the key path, the value, what was expected."""
     key = ".".join(map(str, error["loc"])) or "params.yaml"
@@ -186,12 +200,12 @@ def _describe(error: ErrorDetails) -> str:
     if error["type"] == "missing":
         return f"{key}: missing key"
     if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{key}: expected a mapping of keys, found {error['input']!r}"
+        return f"{key}: expected a mapping of keys, found {_short(error['input'])}"
     context = {name: value for name, value in (error.get("ctx") or {}).items()}
     if error["type"] == "literal_error":  # pydantic writes "'a', 'b' or 'c'"
         context["expected"] = re.sub(r"'(\w+)'", r"\1", context["expected"]).replace(" or ", ", ")
     expected = _EXPECTED.get(error["type"], error["msg"].lower()).format(**context)
-    return f"{key} = {error['input']!r}: expected {expected}"
+    return f"{key} = {_short(error['input'])}: expected {expected}"
 
 
 def parse_params(data: Any) -> Params:
@@ -204,17 +218,26 @@ def parse_params(data: Any) -> Params:
         raise BadInput(_describe(error.errors()[0])) from None
 
 
+def parse_yaml(text: str, where: str | Path) -> Any:
+    """YAML text read as DVC reads it (ruamel.yaml, YAML 1.2), its problems as one `BadInput` line."""
+    try:
+        return YAML(typ="safe").load(text)
+    except YAMLError as error:
+        raise BadInput(f"{where}: not valid YAML ({' '.join(str(error).split())})") from None
+    except RecursionError:
+        raise BadInput(f"{where}: nested too deeply to read") from None
+
+
 def read_yaml(path: str | Path) -> Any:
-    """A YAML file read as DVC reads it (ruamel.yaml, YAML 1.2), its problems as one `BadInput` line."""
+    """A YAML file read as DVC reads it, its problems as one `BadInput` line."""
     path = Path(path)
     try:
-        return YAML(typ="safe").load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise BadInput(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as error:
         raise BadInput(f"{path}: not readable ({error})") from None
-    except YAMLError as error:
-        raise BadInput(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    return parse_yaml(text, path)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -73,8 +73,17 @@ def _check_uint8(array: np.ndarray, where: str, spec: tuple[int | str, ...], dim
         raise BadInput(f"{where}: expected uint8 of shape ({shape}), found {array.dtype} {array.shape}")
 
 
+def _regular_file(path: Path, kind: str, missing_hint: str) -> None:
+    """Refuse a missing path, or one that is not a regular file (a folder, a device, a pipe), by name."""
+    if not path.exists():
+        raise BadInput(f"{path}: file not found ({missing_hint})")
+    if not path.is_file():
+        raise BadInput(f"{path}: not a regular file (expected {kind})")
+
+
 def _load_uint8(path: Path, spec: tuple[int | str, ...], dims: dict[str, int], mmap: bool) -> np.ndarray:
     """Load a uint8 .npy of shape `spec` (see `_check_uint8`), memory-mapped if `mmap`."""
+    _regular_file(path, "a .npy array", "run the generate stage first")
     try:
         array = np.lib.format.open_memmap(path, mode="r")  # only a real .npy opens
     except FileNotFoundError:
@@ -175,6 +184,9 @@ def save_split(path: str | Path, split: dict[str, np.ndarray]) -> None:
 
 def _read_npz(path: str | Path, names: tuple[str, ...], missing_hint: str) -> dict[str, np.ndarray]:
     """The arrays `names` of an .npz file, read into memory."""
+    _regular_file(Path(path), "an .npz archive", missing_hint)
+    if not zipfile.is_zipfile(path):
+        raise BadInput(f"{path}: not an .npz archive (a zip of .npy arrays, as numpy.savez writes)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in names if name in archive}
@@ -208,4 +220,8 @@ def load_labelled_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     dims: dict[str, int] = {}
     _check_uint8(arrays["images"], f"{path}: images", ("N", "H", "W", 3), dims)
     _check_uint8(arrays["labels"], f"{path}: labels", ("N", "H", "W"), dims)
+    if not all(arrays["images"].shape):
+        raise BadInput(
+            f"{path}: images {arrays['images'].shape}: expected at least one image of at least 1 px"
+        )
     return arrays["images"], _check_classes(arrays["labels"], str(path))

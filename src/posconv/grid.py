@@ -18,10 +18,12 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from posconv.compare import transfer_quantities
 from posconv.errors import BadInput
 from posconv.metrics import position_recall
-from posconv.registry import CLASS_NAMES, CONTENT_ADAPTIVE, LAYERS
+from posconv.registry import CLASS_NAMES, FAMILIES, LAYERS, scale_key
 
 REPLICATES = {"A": (0, 1, 2, 3, 4), "B": (5, 6, 7, 8, 9)}  # two independent runs of the study
 SEEDS = REPLICATES["A"] + REPLICATES["B"]  # data seed and training seed together
@@ -56,41 +58,68 @@ class Variant:
 
     @property
     def models(self) -> tuple[str, ...]:
-        return CONTENT_ADAPTIVE if self.families else LAYERS
+        return FAMILIES if self.families else LAYERS
 
 
 VARIANTS = {
     "baseline": Variant({}),
     "batchnorm": Variant({"model.encoder_batchnorm": True}),  # Q1
-    # the seed's first coordinate-bias form, and (below) involution and deformable conv alone and with
-    # coordinates: the first replicate only, as both would take the grid past its hour on a 2-core CPU
-    "per_input": Variant({"model.coords_per_input": True}, seeds=REPLICATES["A"]),
-    "families": Variant({}, families=True, seeds=REPLICATES["A"]),
+    "per_input": Variant({"model.coords_per_input": True}),  # the seed's first coordinate-bias form
+    "families": Variant({}, families=True),  # families/dvc.yaml: the content-adaptive layers
 }
-# (question, (variant, model) A, (variant, model) B)
+Arm = tuple[str, str]  # (variant, model)
+POSITION = ("position_recall", "steps_to_position_recall_0_9")  # what most questions are about
+SCALE = ("scale_error_",)  # every rescaling (a prefix: the quantities are named by factor)
+
+
+class Comparison(NamedTuple):
+    question: str
+    a: Arm
+    b: Arm
+    answers: tuple[str, ...] = POSITION  # the quantities (or prefixes ending in _) that answer it
+
+
 COMPARISONS = [
-    ("Headline: coordbias vs vanilla", ("baseline", "coordbias"), ("baseline", "vanilla")),
-    (
+    Comparison("Headline: coordbias vs vanilla", ("baseline", "coordbias"), ("baseline", "vanilla")),
+    Comparison(
         "Q1 BatchNorm: coordbias vs vanilla, both with BatchNorm",
         ("batchnorm", "coordbias"),
         ("batchnorm", "vanilla"),
     ),
-    (
+    Comparison(
         "Q1 BatchNorm: coordbias with vs without BatchNorm",
         ("batchnorm", "coordbias"),
         ("baseline", "coordbias"),
     ),
-    ("Q3 coordbias vs coordconv", ("baseline", "coordbias"), ("baseline", "coordconv")),
-    (
+    Comparison("Q3 coordbias vs coordconv", ("baseline", "coordbias"), ("baseline", "coordconv")),
+    Comparison(
         "Seed's first form: per-input-channel vs reduced coordbias",
         ("per_input", "coordbias"),
         ("baseline", "coordbias"),
     ),
-    ("Families: involution vs vanilla", ("families", "involution"), ("baseline", "vanilla")),
-    ("Families: coordinvolution vs involution", ("families", "coordinvolution"), ("families", "involution")),
-    ("Families: deform vs vanilla", ("families", "deform"), ("baseline", "vanilla")),
-    ("Families: coorddeform vs deform", ("families", "coorddeform"), ("families", "deform")),
+    Comparison("Families: involution vs vanilla", ("families", "involution"), ("baseline", "vanilla")),
+    Comparison(
+        "Families: coordinvolution vs involution", ("families", "coordinvolution"), ("families", "involution")
+    ),
+    Comparison("Families: deform vs vanilla", ("families", "deform"), ("baseline", "vanilla")),
+    Comparison("Families: coorddeform vs deform", ("families", "coorddeform"), ("families", "deform")),
+    # seed 004: DSS lowers the scale equivariance error (its authors' claim); bilinear lifting (DSS v2) is
+    # worse; deformable DSS helps at small rescalings and hurts at large ones
+    Comparison("DSS: dss vs vanilla", ("families", "dss"), ("baseline", "vanilla"), SCALE),
+    Comparison("DSS v2: dss_bilinear vs dss", ("families", "dss_bilinear"), ("families", "dss"), SCALE),
+    Comparison("Deformable DSS: dss_deform vs dss", ("families", "dss_deform"), ("families", "dss"), SCALE),
+    # seed 003's spatial-specific filter: every pixel its own weights
+    Comparison("Spatial-specific filter: local vs vanilla", ("families", "local"), ("baseline", "vanilla")),
+    Comparison(
+        "Spatial-specific filter: local vs coordbias", ("families", "local"), ("baseline", "coordbias")
+    ),
 ]
+
+
+def answers(comparison: Comparison, quantity: str) -> bool:
+    """Whether `quantity` is one that answers `comparison`'s question."""
+    return any(quantity == a or (a.endswith("_") and quantity.startswith(a)) for a in comparison.answers)
+
 
 Reader = Callable[[dict, dict], float | None]  # (evaluation metrics, training metrics) -> value
 
@@ -113,20 +142,46 @@ def quantities(sizes: list[int], shifts: list[int], scales: list[float]) -> dict
     }
     for index, name in enumerate(CLASS_NAMES):
         found[f"recall_{name}"] = Quantity(lambda e, t, i=index: e["recall"][i], recall)
-    for size in sizes:
-        found[f"position_recall_at_{size}"] = Quantity(
-            lambda e, t, s=str(size): position_recall(e["transfer"][s]["recall"]), recall
-        )
+    found |= {name: Quantity(read, recall) for name, read in transfer_quantities(sizes).items()}
     for shift in shifts:
         found[f"translation_error_{shift}"] = Quantity(
             lambda e, t, s=str(shift): e["equivariance"]["translation"][s], 0.02
         )
-    for scale in scales:
-        found[f"scale_error_{scale:g}"] = Quantity(
-            lambda e, t, s=f"{scale:g}": e["equivariance"]["scale"][s], 0.02
-        )
+    for key in map(scale_key, scales):
+        found[f"scale_error_{key}"] = Quantity(lambda e, t, s=key: e["equivariance"]["scale"][s], 0.02)
     found["parameters"] = Quantity(lambda e, t: t["parameters"], None)
     found["train_images_per_s"] = Quantity(lambda e, t: t["train_images_per_s"], None)
+    return found
+
+
+# A reproduction's tolerance on a quantity: the difference between two runs that differ only by chance
+# stays within z(0.995) * sqrt(2) * sd in 99% of cases (the sd over the study's seeds, two independent
+# runs, normal errors); per model, from the variant that trains it at params.yaml's settings.
+TOLERANCE_FACTOR = 2.576 * math.sqrt(2)
+PER_SIZE = ("position_recall_at_", "translation_error_", "scale_error_")  # one tolerance for all sizes
+
+
+def tolerance_key(quantity: str) -> str:
+    """The tolerance a quantity is judged by: one per kind for the sized ones (the study's transfer sizes
+    and rescalings need not be the card's)."""
+    return next((prefix + "any" for prefix in PER_SIZE if quantity.startswith(prefix)), quantity)
+
+
+def tolerances(results: dict, readers: dict[str, Quantity]) -> dict[str, dict[str, float]]:
+    """model -> tolerance key -> tolerance, from the seed-to-seed spread of the study's baseline and
+    families variants (the largest spread over a kind's sizes); parameters must agree exactly. A
+    quantity is left out (not judged) where it has no spread to measure: throughput, and steps to a
+    target that some seed never reached."""
+    found: dict[str, dict[str, float]] = {}
+    for variant in ("baseline", "families"):
+        for model, quantities in results[variant].items():
+            entry = found.setdefault(model, {})
+            for quantity, q in readers.items():
+                if (q.margin is None and quantity != "parameters") or quantities[quantity]["censored"]:
+                    continue  # throughput is the machine's; a target some seed never reached has no spread
+                spread = statistics.stdev(quantities[quantity]["values"]) * TOLERANCE_FACTOR
+                key = tolerance_key(quantity)
+                entry[key] = max(entry.get(key, 0.0), 0.0 if quantity == "parameters" else spread)
     return found
 
 
@@ -182,7 +237,12 @@ def aggregate(metrics: dict[str, dict], readers: dict[str, Quantity], paths: Cal
             ]
             entry = results.setdefault(name, {}).setdefault(model, {})
             for quantity, q in readers.items():
-                raw = [q.read(*f) for f in files]
+                try:
+                    raw = [q.read(*f) for f in files]
+                except (KeyError, IndexError, TypeError) as error:
+                    raise BadInput(
+                        f"study: {name}/{model}: its metrics lack {quantity} ({error!r})"
+                    ) from None
                 floors = [training["steps"] for _, training in files]
                 values = [floor if v is None else v for v, floor in zip(raw, floors, strict=True)]
                 if any(v is None for v in values):
@@ -206,7 +266,8 @@ def compare(results: dict, readers: dict[str, Quantity]) -> list[dict]:
     difference, its 95% interval and the verdict; `replicated`: True when both replicates give the same
     verdict, False when they differ, None when an arm ran one replicate only."""
     rows = []
-    for question, (variant_a, model_a), (variant_b, model_b) in COMPARISONS:
+    for comparison in COMPARISONS:
+        question, (variant_a, model_a), (variant_b, model_b) = comparison[:3]
         seeds_a, seeds_b = VARIANTS[variant_a].seeds, VARIANTS[variant_b].seeds
         both = tuple(seed for seed in SEEDS if seed in seeds_a and seed in seeds_b)
         for quantity, q in readers.items():
@@ -219,12 +280,12 @@ def compare(results: dict, readers: dict[str, Quantity]) -> list[dict]:
             rows.append({
                 "question": question, "quantity": quantity, "margin": q.margin, "seeds": list(both),
                 "a": f"{variant_a}/{model_a}", "b": f"{variant_b}/{model_b}",
-                **judged, "replicated": replicated,
+                **judged, "replicated": replicated, "answers": answers(comparison, quantity),
             })  # fmt: skip
     return rows
 
 
-ROW_KEYS = {"question", "quantity", "a", "b", "replicated", ALL, *REPLICATES}
+ROW_KEYS = {"question", "quantity", "a", "b", "replicated", "answers", ALL, *REPLICATES}
 
 
 def check_study(study: object, path: str) -> dict:

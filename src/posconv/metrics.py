@@ -185,15 +185,11 @@ def score(
     labels: np.ndarray,
     preds: np.ndarray,
     images: np.ndarray,
-    owners: np.ndarray | None = None,
-    circles: pd.DataFrame | None = None,
-    image_ids: np.ndarray | None = None,
+    votes: pd.DataFrame | None = None,
     bins: int = 8,
 ) -> dict:
-    """Every metric as one JSON-ready dict; the circle metrics are None without circle info."""
-    circle_info = (owners, circles, image_ids)
-    if any(x is None for x in circle_info) and any(x is not None for x in circle_info):
-        raise ValueError("owners, circles and image_ids go together")
+    """Every metric as one JSON-ready dict; the circle metrics (from `circle_votes` of the same
+    predictions) are None without votes."""
     confusion = confusion_matrix(labels, preds)
     result = {
         "confusion": confusion.tolist(),
@@ -202,8 +198,7 @@ def score(
         "circle_accuracy": None,
         "position_accuracy": None,
     }
-    if owners is not None:
-        votes = circle_votes(preds, owners, circles, image_ids)
+    if votes is not None:
         result["circle_accuracy"] = circle_accuracy(votes)
         result["position_accuracy"] = position_accuracy(votes, labels.shape[-1], bins)  # square images
     return result

@@ -21,6 +21,7 @@ from posconv.io import atomic_outputs
 from posconv.layers import LAYER_OPTIONS, make_conv
 from posconv.registry import BASELINE, N_CLASSES
 
+IMAGE_CHANNELS = 3  # RGB
 ENCODER_STAGES = ((1, 1), (2, 2), (4, 4))  # channel multiples of w; each stage ends in a 2x2 max pool
 DOWNSAMPLING = 2 ** len(ENCODER_STAGES)
 
@@ -65,7 +66,7 @@ class FCN(nn.Module):
         super().__init__()
         self.spec = spec
         w = spec.width
-        blocks, in_channels, index = [], 3, 0
+        blocks, in_channels, index = [], IMAGE_CHANNELS, 0
         for multiples in ENCODER_STAGES:
             layers: list[nn.Module] = []
             for multiple in multiples:
@@ -115,13 +116,34 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_model(model: FCN, path: str | Path) -> None:
-    """Save the state dict with the spec that built it, atomically. Saved through a buffer, so the
-    archive's inner folder is "archive" rather than the (temporary) file's name: same weights, same bytes."""
+def materialize(model: FCN, image_size: int) -> FCN:
+    """Give a model's lazy layers their parameters (`local`'s weights are laid out on the output grid of
+    its first forward) before an optimizer, `count_parameters`, DDP or `.to(memory_format=...)` needs
+    them: one forward of a blank (1, 3, size, size) batch in eval mode without gradients, so BatchNorm's
+    statistics stay as they were, then the training mode restored. A model without lazy parameters is
+    returned untouched: no forward, no random draw."""
+    if not any(nn.parameter.is_lazy(p) for p in model.parameters()):
+        return model
+    known = next(p for p in model.parameters() if not nn.parameter.is_lazy(p))
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, IMAGE_CHANNELS, image_size, image_size, device=known.device, dtype=known.dtype))
+    return model.train(training)
+
+
+def model_bytes(model: FCN) -> bytes:
+    """The state dict with the spec that built it, as a model file's bytes. Saved through a buffer, so
+    the archive's inner folder is "archive" rather than a file's name: same weights, same bytes."""
     buffer = io.BytesIO()
     torch.save({"spec": asdict(model.spec), "state_dict": model.state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+def save_model(model: FCN, path: str | Path) -> None:
+    """Save `model` to `path`, atomically."""
     with atomic_outputs(path) as (temp,):
-        temp.write_bytes(buffer.getvalue())
+        temp.write_bytes(model_bytes(model))
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", layer: str | None = None) -> FCN:

@@ -1,4 +1,5 @@
-"""The report as Markdown: the study on one page, rendered from metrics that the report stage reads."""
+"""The reports as Markdown, rendered from the metrics files the report stages read: the card's
+(`plots/report.md`) and the study's (`plots/study.md`)."""
 
 from __future__ import annotations
 
@@ -156,10 +157,14 @@ RULE = (
     "count, a lower bound), 0.02 for equivariance errors. The rule is applied to each of the two "
     "independent replicates (seeds 0-4 and 5-9) and to all the seeds both arms ran."
 )
-ANSWERED = {  # each question's one-line answer: quantity -> its words
+WORDS = {  # how an answer's line names a quantity; others by their names
     "position_recall": "test position recall",
     "steps_to_position_recall_0_9": "steps to validation position recall 0.9",
 }
+
+
+def words(quantity: str) -> str:
+    return WORDS.get(quantity, quantity.replace("_", " "))
 
 
 def judged(side: dict) -> str:
@@ -182,14 +187,16 @@ def _mean(study: dict, arm: str, quantity: str) -> float:
 
 
 def answer(study: dict, rows: dict[str, dict]) -> str:
-    """One question in a line: the verdicts on position recall and learning speed, per replicate."""
-    first = rows["position_recall"]
+    """One question in a line: the verdicts on the quantities that answer it (position recall and
+    learning speed, or the scale equivariance errors), per replicate."""
+    first = next(iter(rows.values()))
     parts = []
-    for quantity, words in ANSWERED.items():
-        row = rows[quantity]
+    for quantity, row in rows.items():
+        if not row["answers"]:
+            continue
         a, b = (_mean(study, row[arm], quantity) for arm in ("a", "b"))
         parts.append(
-            f"{words} {fmt(a)} vs {fmt(b)}, A - B {judged(row['all'])} "
+            f"{words(quantity)} {fmt(a)} vs {fmt(b)}, A - B {judged(row['all'])} "
             f"(replicates: {said_by(row['A'])} / {said_by(row['B'])}, {REPLICATED[row['replicated']]})"
         )
     return f"- **{first['question']}** (A `{first['a']}`, B `{first['b']}`): " + "; ".join(parts) + "."
@@ -326,19 +333,31 @@ def layer_cost_section(bench: dict) -> str:
     return f"## Cost of the layers\n\n{intro}\n\n" + table(header, rows)
 
 
-def render(
-    params: Params, summary: dict, evaluation: dict, training: dict, data: dict, study: dict, bench: dict
-) -> str:
+def render(params: Params, summary: dict, evaluation: dict, training: dict, data: dict) -> str:
+    """The card's report (`plots/report.md`): what `dvc repro` made, nothing that it did not."""
     figures = "\n\n".join(f"### {title}\n\n![{title}]({path})" for title, path in FIGURES.items())
     sections = [
-        "# posconv: where-aware convolutions, study report",
-        "Written by the `report` stage of `dvc repro`; every number is read from `metrics/`.",
+        "# posconv: where-aware convolutions, the card's report",
+        "Written by the `report` stage of `dvc repro`; every number is read from `metrics/`. The study "
+        "over many seeds, the layer benchmark and the other pipelines are in [the study's report](study.md), "
+        "made by `dvc repro study/dvc.yaml` (a separate, deliberate act: `dvc repro` never starts it).",
         verdict(summary, training),
         headline_section(summary),
         models_section(evaluation, training),
-        study_section(study),
-        layer_cost_section(bench),
         "## Figures\n\n" + figures,
         params_section(params, data),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def render_study(study: dict, bench: dict) -> str:
+    """The study's report (`plots/study.md`): the grid of experiments and the layer benchmark."""
+    sections = [
+        "# posconv: the study, the layer benchmark and the other pipelines",
+        "Written by the `report` stage of `study/dvc.yaml` (`dvc repro study/dvc.yaml`); every number is "
+        "read from `metrics/`. While the study is out of date with the code or params, `dvc status` lists "
+        "its stages and the CI gate fails; this page is re-made only when the study is re-run.",
+        study_section(study),
+        layer_cost_section(bench),
     ]
     return "\n\n".join(sections) + "\n"

@@ -2,10 +2,16 @@
 
 Everything works on a whole batch at once with numpy: no Python loop runs per pixel, per lattice
 cell or per image, which is what makes generation fast (DESIGN.md §2 has the rules).
+
+The bytes do not depend on the CPU: every float that reaches a pixel comes from elementwise +, -, x, /
+and comparisons (each correctly rounded by IEEE 754 whatever the instruction set), exact min and max,
+and counter-based random draws; no BLAS call, no reduction whose order depends on SIMD width or
+threads, no library cos or sin (DESIGN.md §2, "Same bytes on every CPU").
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,31 +53,57 @@ def image_stream(seed: int, first_id: int) -> np.random.Generator:
 
 
 def _lattice_weights(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Weights (LATTICE, size) of each lattice point along one axis: fade, and fade times offset.
+    """Along one axis: each pixel's lattice cell (size,), and the float32 weights (4, size) of the cell's
+    two lattice points: fade, and fade times offset (1 - f, f, (1 - f) t, f (t - 1)).
 
-    Perlin noise is linear in the gradients with weights that depend only on pixel position, so the
-    whole noise map is a product of these small matrices with the gradients.
+    Perlin noise is linear in the gradients with weights that depend only on pixel position.
     """
     position = (np.arange(size) + 0.5) / (size / (LATTICE - 1))  # pixel centres, in cells
-    cell = np.floor(position).astype(int)
+    cell = np.floor(position).astype(np.intp)
     t = position - cell
     fade = t * t * t * (t * (t * 6 - 15) + 10)
-    pixel = np.arange(size)
-    weight = np.zeros((LATTICE, size))
-    offset_weight = np.zeros((LATTICE, size))
-    weight[cell, pixel], weight[cell + 1, pixel] = 1 - fade, fade
-    offset_weight[cell, pixel], offset_weight[cell + 1, pixel] = (1 - fade) * t, fade * (t - 1)
-    return weight.astype(np.float32), offset_weight.astype(np.float32)
+    return cell, np.stack([1 - fade, fade, (1 - fade) * t, fade * (t - 1)]).astype(np.float32)
 
 
 def perlin_noise(gradients: np.ndarray, size: int) -> np.ndarray:
     """Perlin noise (..., size, size) from unit gradients (..., LATTICE, LATTICE, 2) [row, col, (x, y)].
 
-    noise = Wy^T Gx Dx + Dy^T Gy Wx: two batched matmuls, stacked into one.
+    Separable: along x for every lattice row, then along y. Each pixel's value is a sum of two products
+    per axis, written out so that it is the same sequence of IEEE 754 operations on every CPU (a matrix
+    product would hand the sums to the BLAS library, whose kernels, chosen by CPU, round differently).
     """
-    weight, offset_weight = _lattice_weights(size)
-    along_x = np.concatenate([gradients[..., 0] @ offset_weight, gradients[..., 1] @ weight], axis=-2)
-    return np.concatenate([weight, offset_weight]).T @ along_x
+    cell, (low, high, low_offset, high_offset) = _lattice_weights(size)
+    gx, gy = gradients[..., 0], gradients[..., 1]
+    along_x = gx[..., cell] * low_offset + gx[..., cell + 1] * high_offset  # (..., LATTICE, size)
+    weight_x = gy[..., cell] * low + gy[..., cell + 1] * high
+    noise = np.empty((*gradients.shape[:-3], size, size), np.float32)
+    for row in range(LATTICE - 1):  # the pixel rows of each lattice cell, a slice since cells ascend
+        rows = slice(*np.searchsorted(cell, [row, row + 1]))
+        y = (rows, None)  # the y weights of those rows, as a column
+        noise[..., rows, :] = (
+            low[y] * along_x[..., row, None, :] + high[y] * along_x[..., row + 1, None, :]
+        ) + (low_offset[y] * weight_x[..., row, None, :] + high_offset[y] * weight_x[..., row + 1, None, :])
+    return noise
+
+
+_TAYLOR_TERMS = 15  # of cos and of sin on [-pi, pi]; the first left out, pi^30/30!, is about 3e-18
+
+
+def unit_vectors(turns: np.ndarray) -> np.ndarray:
+    """(cos, sin) of the angle 2*pi*(turns - 1/2), float32 (..., 2), for turns in [0, 1).
+
+    numpy's and the C library's cos and sin choose SIMD or FMA code by CPU and differ in the last bit
+    between them; a Taylor polynomial evaluated with +, - and x alone, each correctly rounded by
+    IEEE 754 on any instruction set, gives the same bits on every CPU.
+    """
+    x = (turns - 0.5) * (2 * math.pi)
+    square = x * x
+    cos = sin = 0.0
+    for k in reversed(range(_TAYLOR_TERMS)):  # Horner in x^2: sum of (-1)^k x^2k / (2k)! and / (2k+1)!
+        sign = -1 if k % 2 else 1
+        cos = cos * square + sign / math.factorial(2 * k)
+        sin = sin * square + sign / math.factorial(2 * k + 1)
+    return np.stack([cos, x * sin], axis=-1).astype(np.float32)
 
 
 def background(angles: np.ndarray, size: int) -> np.ndarray:
@@ -79,8 +111,7 @@ def background(angles: np.ndarray, size: int) -> np.ndarray:
 
     Each channel is min-max scaled to [0, INTENSITY], then x*255 is rounded (half up).
     """
-    theta = (2 * np.pi * angles).astype(np.float32)
-    noise = perlin_noise(np.stack([np.cos(theta), np.sin(theta)], axis=-1), size)
+    noise = perlin_noise(unit_vectors(angles), size)
     flat = noise.reshape(len(noise) * 3, -1)
     low, high = flat.min(axis=1), flat.max(axis=1)
     scale = INTENSITY * 255 / np.maximum(high - low, np.finfo(np.float32).tiny)

@@ -6,7 +6,12 @@ on the layer type. Each family lives in a module of its own:
 - `involution`, `coordinvolution` (seed 003): `involution`, a kernel generated per pixel from the input
   there (and, for coordinvolution, from its coordinates too), shared across a group's channels;
 - `deform`, `coorddeform` (seed 004): `deform`, deformable convolution v2, learned per-pixel offsets and
-  modulation (and, for coorddeform, the coordinate bias).
+  modulation (and, for coorddeform, the coordinate bias);
+- `dss`, `dss_bilinear`, `dss_deform` (seed 004's proposal): `scale_space`, Deep Scale-Spaces: the input
+  lifted to a stack of scales (discrete Gaussian blurs; bilinear shrink-and-stretch), one kernel dilated
+  per scale (with learned offsets for dss_deform), max over scales;
+- `local` (seed 003's spatial-specific filter): `local`, a locally connected layer, an nn.Conv2d kernel of
+  its own at every output location (lazy: laid out at the first forward, resampled at other sizes).
 """
 
 from __future__ import annotations
@@ -17,15 +22,21 @@ from torch import nn
 
 from posconv.layers.deform import CoordDeformConv2d, DeformConv2d
 from posconv.layers.involution import CoordInvolution2d, Involution2d
+from posconv.layers.local import LocalConv2d
 from posconv.layers.position import CoordBias2d, CoordConv2d
+from posconv.layers.scale_space import BilinearScaleSpaceConv2d, DeformScaleSpaceConv2d, ScaleSpaceConv2d
 from posconv.registry import (
     COORD_DEFORM,
     COORD_INVOLUTION,
     COORDBIAS,
     COORDCONV,
     DEFORM,
+    DSS,
+    DSS_BILINEAR,
+    DSS_DEFORM,
     FACTORY_LAYERS,
     INVOLUTION,
+    LOCAL,
     VANILLA,
 )
 
@@ -37,6 +48,10 @@ LAYER_CLASSES: dict[str, type[nn.Module]] = {
     COORD_INVOLUTION: CoordInvolution2d,
     DEFORM: DeformConv2d,
     COORD_DEFORM: CoordDeformConv2d,
+    DSS: ScaleSpaceConv2d,
+    DSS_BILINEAR: BilinearScaleSpaceConv2d,
+    DSS_DEFORM: DeformScaleSpaceConv2d,
+    LOCAL: LocalConv2d,
 }
 LAYER_OPTIONS: dict[str, tuple[str, ...]] = {  # what each layer takes beyond nn.Conv2d's signature
     VANILLA: (),
@@ -46,6 +61,10 @@ LAYER_OPTIONS: dict[str, tuple[str, ...]] = {  # what each layer takes beyond nn
     COORD_INVOLUTION: ("coords", "reduction", "group_channels"),
     DEFORM: ("offset_groups",),
     COORD_DEFORM: ("coords", "offset_groups"),
+    DSS: ("base", "zero_scale", "levels", "interaction"),
+    DSS_BILINEAR: ("base", "levels", "interaction"),
+    DSS_DEFORM: ("base", "zero_scale", "levels", "interaction", "offset_groups"),
+    LOCAL: (),
 }
 _CONV_ARGUMENTS = ("stride", "padding", "dilation", "groups", "bias", "padding_mode", "device", "dtype")
 

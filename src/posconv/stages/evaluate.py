@@ -14,54 +14,60 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from pandas import DataFrame
 from torch import nn
 
-from posconv import figures, registry
-from posconv.cli import device_name, parser, positive_int, run
+from posconv import figures, registry, resources
+from posconv.cli import device_name, parser, positive_int
 from posconv.compare import headline
 from posconv.config import Params, load_params
 from posconv.data import draw_unseen, load_labelled_npz, load_scenes, load_split
-from posconv.engine import LabelledImages, place, predict, resolve_device, to_input
+from posconv.engine import place, predict, resolve_device, to_input
 from posconv.equivariance import scale_error, translation_error
 from posconv.io import atomic_outputs, read_json, write_json
 from posconv.layers import fused
 from posconv.metrics import circle_votes, score
 from posconv.model import load_model
+from posconv.registry import scale_key
 from posconv.scenes import Scenes
+from posconv.stages import run_stage
 
 logger = logging.getLogger(__name__)
 SCORING_PRECISION = "fp32"  # whatever precision trained the model, its test scores are exact
+
+
+def _tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device)
 
 
 def score_npz(model_path: str, data_path: str, device_name: str, batch_size: int) -> dict:
     images, labels = load_labelled_npz(data_path)
     device = resolve_device(device_name)
     model = load_model(model_path, device)
-    data = LabelledImages.from_arrays(images, labels, device)
-    predictions, images_per_s = predict(model, data.images, batch_size, SCORING_PRECISION, False)
+    predictions, images_per_s = predict(model, _tensor(images, device), batch_size, SCORING_PRECISION, False)
     return score(labels, predictions, images) | {"inference_images_per_s": images_per_s}
 
 
-def _score(model: nn.Module, scenes: Scenes, ids: np.ndarray, params: Params) -> tuple[dict, np.ndarray]:
-    """Every metric of `model` on `scenes` (global image ids `ids`) and its predictions."""
-    images = LabelledImages.from_arrays(scenes.images, scenes.labels, next(model.parameters()).device).images
+def _score(
+    model: nn.Module, scenes: Scenes, ids: np.ndarray, params: Params
+) -> tuple[dict, np.ndarray, DataFrame]:
+    """Every metric of `model` on `scenes` (global image ids `ids`), its predictions and circle votes."""
+    images = _tensor(scenes.images, next(model.parameters()).device)
     predicted, images_per_s = predict(
         model, images, params.evaluate.batch_size, SCORING_PRECISION, params.train.channels_last
     )
-    result = score(
-        scenes.labels, predicted, scenes.images, scenes.owners, scenes.circles, ids,
-        params.evaluate.position_bins,
-    )  # fmt: skip
-    return result | {"inference_images_per_s": images_per_s}, predicted
+    votes = circle_votes(predicted, scenes.owners, scenes.circles, ids)
+    result = score(scenes.labels, predicted, scenes.images, votes, params.evaluate.position_bins)
+    return result | {"inference_images_per_s": images_per_s}, predicted, votes
 
 
 def _equivariance(model: nn.Module, images: np.ndarray, params: Params) -> dict:
     """Equivariance errors of the logits under each translation step and rescaling (DESIGN.md §5)."""
-    device = next(model.parameters()).device
-    x = to_input(torch.from_numpy(np.ascontiguousarray(images)).to(device), params.train.channels_last)
+    x = to_input(_tensor(images, next(model.parameters()).device), params.train.channels_last)
     model.eval()
 
     def logits(batch: torch.Tensor) -> torch.Tensor:
@@ -70,13 +76,22 @@ def _equivariance(model: nn.Module, images: np.ndarray, params: Params) -> dict:
     batch = params.evaluate.batch_size
     return {
         "translation": {str(s): translation_error(logits, x, s, batch) for s in params.evaluate.shifts},
-        "scale": {f"{f:g}": scale_error(logits, x, f, batch) for f in params.evaluate.scales},
+        "scale": {scale_key(f): scale_error(logits, x, f, batch) for f in params.evaluate.scales},
     }
 
 
-def score_layers(layers: tuple[str, ...], params: Params) -> tuple[dict, dict, dict]:
+class Scored(NamedTuple):
+    """Each layer's metrics, and on the test split its circle votes and predictions, with the split."""
+
+    results: dict[str, dict]
+    votes: dict[str, DataFrame]
+    predictions: dict[str, np.ndarray]
+    test: Scenes
+
+
+def score_layers(layers: tuple[str, ...], params: Params) -> Scored:
     """Each layer's model scored on the test split, on unseen scenes at `evaluate.sizes` (`transfer`)
-    and for equivariance; with its circle votes and predictions on the test split."""
+    and for equivariance."""
     device = resolve_device(params.device)
     scenes = load_scenes(registry.SCENES)
     test_ids = load_split(registry.SPLIT, len(scenes.images))["test"]
@@ -85,19 +100,18 @@ def score_layers(layers: tuple[str, ...], params: Params) -> tuple[dict, dict, d
         size: draw_unseen(params.seed, params.generate.images, len(test_ids), size)
         for size in params.evaluate.sizes
     }
-    results, votes, predictions = {}, {}, {}
+    scored = Scored({}, {}, {}, test)
     for layer in layers:
         model = place(load_model(registry.model_path(layer), layer=layer), device, params.train.channels_last)
-        results[layer], predicted = _score(model, test, test_ids, params)
-        votes[layer] = circle_votes(predicted, test.owners, scenes.circles, test_ids)
-        predictions[layer] = predicted
-        results[layer]["transfer"] = {
+        result, scored.predictions[layer], scored.votes[layer] = _score(model, test, test_ids, params)
+        result["transfer"] = {
             str(size): _score(model, other, ids, params)[0] for size, (other, ids) in unseen.items()
         }
-        results[layer]["equivariance"] = _equivariance(
+        result["equivariance"] = _equivariance(
             model, test.images[: params.evaluate.equivariance_images], params
         )
-    return results, votes, predictions
+        scored.results[layer] = result
+    return scored
 
 
 def write_scores(directory: Path, results: dict[str, dict]) -> None:
@@ -108,32 +122,27 @@ def write_scores(directory: Path, results: dict[str, dict]) -> None:
 
 def evaluate_pipeline() -> None:
     params = load_params()
+    resources.check_evaluate(params)
     fused.enable(params.train.fused_conv)
-    results, votes, predictions = score_layers(registry.LAYERS, params)
+    scored = score_layers(registry.LAYERS, params)
     training = {layer: read_json(registry.train_metrics(layer)) for layer in registry.LAYERS}
-    summary = headline(params.layer, results, training)
+    summary = headline(params.layer, scored.results, training)
     outputs = registry.EVALUATE_METRICS, registry.SUMMARY, registry.EVALUATE_PLOTS
     with atomic_outputs(*outputs) as (metrics_dir, summary_path, plots_dir):
-        write_scores(metrics_dir, results)
+        write_scores(metrics_dir, scored.results)
         write_json(summary_path, summary)
         plots_dir.mkdir()
         examples = slice(params.evaluate.examples)
-        test_ids = load_split(registry.SPLIT)["test"][examples]
-        scenes = load_scenes(registry.SCENES)
         losses = {
-            m: (Path(registry.loss_curve(m, "train")), Path(registry.loss_curve(m, "val"))) for m in results
+            m: (Path(registry.loss_curve(m, "train")), Path(registry.loss_curve(m, "val")))
+            for m in scored.results
         }
-        figures.write_all(
-            plots_dir,
-            results,
-            votes,
-            (
-                scenes.images[test_ids],
-                scenes.labels[test_ids],
-                {m: p[examples] for m, p in predictions.items()},
-            ),
-            losses,
+        shown = (
+            scored.test.images[examples],
+            scored.test.labels[examples],
+            {m: p[examples] for m, p in scored.predictions.items()},
         )
+        figures.write_all(plots_dir, scored.results, scored.votes, shown, losses)
     layer = params.layer
     logger.info(
         "test mIoU: vanilla %.3f, %s %.3f; position recall: vanilla %.3f, %s %.3f",
@@ -145,8 +154,9 @@ def evaluate_pipeline() -> None:
 def evaluate_families() -> None:
     """The content-adaptive families (families/dvc.yaml): their scores only."""
     params = load_params()
+    resources.check_evaluate(params)
     fused.enable(params.train.fused_conv)
-    results, _, _ = score_layers(registry.CONTENT_ADAPTIVE, params)
+    results = score_layers(registry.FAMILIES, params).results
     with atomic_outputs(registry.FAMILIES_METRICS) as (metrics_dir,):
         write_scores(metrics_dir, results)
 
@@ -174,4 +184,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 import time
 
-from posconv import registry
-from posconv.cli import parser, run
+from posconv import registry, resources
+from posconv.cli import parser
 from posconv.config import load_params
 from posconv.data import load_scenes, write_scenes
 from posconv.io import atomic_outputs
 from posconv.plots import save_preview
+from posconv.stages import run_stage
 
 logger = logging.getLogger(__name__)
 PREVIEW_IMAGES = 6
@@ -22,6 +23,7 @@ PREVIEW_IMAGES = 6
 def main(argv: list[str]) -> None:
     parser(__name__, __doc__).parse_args(argv)
     params = load_params()
+    resources.check_generate(params)
     size, count = params.generate.size, params.generate.images
     started = time.perf_counter()
     with atomic_outputs(registry.SCENES, registry.PREVIEW) as (scenes_dir, preview):
@@ -42,4 +44,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from posconv import registry
-from posconv.cli import parser, run
+from posconv.cli import parser
 from posconv.config import load_params
 from posconv.data import LABELS, class_pixel_counts, load_labels, save_split, stratified_split
 from posconv.errors import BadInput
 from posconv.io import atomic_outputs
+from posconv.stages import run_stage
 
 logger = logging.getLogger(__name__)
 SCENES = Path(registry.SCENES)
@@ -70,4 +71,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

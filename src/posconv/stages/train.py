@@ -16,14 +16,13 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import get_args
 
 import torch
 from dvclive import Live
 
-from posconv import distributed, registry
-from posconv.cli import parser, run
-from posconv.config import Params, Placement, load_params
+from posconv import distributed, registry, resources
+from posconv.cli import parser
+from posconv.config import Params, load_params
 from posconv.data import load_scenes, load_split
 from posconv.distributed import World
 from posconv.engine import (
@@ -38,7 +37,8 @@ from posconv.engine import (
 )
 from posconv.io import atomic_outputs, remove_stale_temporaries
 from posconv.layers import fused
-from posconv.model import FCN, ModelSpec, count_parameters, save_model
+from posconv.model import FCN, ModelSpec, count_parameters, materialize, model_bytes
+from posconv.stages import run_stage
 
 logger = logging.getLogger(__name__)
 POSITION_RECALL_TARGET = 0.9
@@ -108,14 +108,14 @@ def main(argv: list[str]) -> None:
     arguments = parser(__name__, __doc__)
     arguments.add_argument("layer", choices=registry.FACTORY_LAYERS)
     arguments.add_argument(
-        "--placement", choices=get_args(Placement), help="instead of model.placement (families/dvc.yaml)"
+        "--families", action="store_true", help="place the layer at families.placement (families/dvc.yaml)"
     )
     args = arguments.parse_args(argv)
     layer, params = args.layer, load_params()
-    if args.placement:
-        params = params.model_copy(
-            update={"model": params.model.model_copy(update={"placement": args.placement})}
-        )
+    resources.check_train(params)
+    if args.families:
+        placement = params.families.placement
+        params = params.model_copy(update={"model": params.model.model_copy(update={"placement": placement})})
     device = resolve_device(params.device)
     world = World.from_env()
     if world is None and params.train.processes > 1:  # not a rank yet: start the ranks
@@ -142,7 +142,8 @@ def train_rank(layer: str, params: Params, world: World, device: torch.device) -
         for name in ("train", "val")
     )
     torch.manual_seed(params.train.seed)
-    model = place(FCN(ModelSpec.of(layer, params.model.model_dump())), device, params.train.channels_last)
+    network = materialize(FCN(ModelSpec.of(layer, params.model.model_dump())), params.generate.size)
+    model = place(network, device, params.train.channels_last)
     trained = distributed.wrap(model, world, device)
     started = time.perf_counter()
     if not world.main:  # trains its shards and writes nothing
@@ -153,7 +154,7 @@ def train_rank(layer: str, params: Params, world: World, device: torch.device) -
             log, every = LiveLog(live), settings.val_every
             result = train(trained, train_data, val_data, settings, log, every, settings.batch_size)
             live.summary.update(summary(result, model, started, device, settings.precision, world.size))
-        save_model(model, model_path)
+        model_path.write_bytes(model_bytes(model))
     ranks = f" x {world.size} processes" if world.size > 1 else ""
     logger.info(
         "%s: %d steps, train loss %.4f, val mIoU %.3f, %.0f img/s on %s%s in %s",
@@ -169,4 +170,4 @@ def train_rank(layer: str, params: Params, world: World, device: torch.device) -
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

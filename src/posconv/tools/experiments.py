@@ -11,8 +11,11 @@ The queue's known problems, and what happens to each here:
   them; -j 2 is tested, and workers get `cores // jobs` threads each so that they do not oversubscribe;
 - an experiment that fails on its own (a stage's `error:` line in `dvc queue logs`) is not retried: it
   is reported with that line, while the others still land;
-- names are unique per baseline commit: `-f` replaces an older experiment of the same name, and only
-  experiments that finished after the grid started count.
+- names are unique per baseline commit: an older experiment of the same name is removed before the
+  grid is queued (`dvc exp remove`), and only experiments that finished after the grid started count.
+  Not `--force`: DVC passes it on as `reproduce(force=True)`, which runs every stage again even where
+  its run-cache holds that very stage; without it, a stage that another experiment already ran with the
+  same code, params and inputs is checked out from the run-cache (`served`, counted per experiment).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import datetime
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from posconv.errors import BadInput
 
@@ -44,7 +48,7 @@ class Experiment:
 
     def queue_args(self) -> list[str]:
         """`dvc exp run --queue` of this experiment, params set as DVC's YAML reads them back."""
-        command = ["exp", "run", "--queue", "-f", "-n", self.name]
+        command = ["exp", "run", "--queue", "-n", self.name]
         for key, value in self.overrides.items():
             command += ["-S", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
         return [*command, self.target]
@@ -95,10 +99,30 @@ def _start_workers(jobs: int) -> None:
     _dvc("queue", "start", "-j", str(jobs), env={**os.environ, "OMP_NUM_THREADS": threads})
 
 
+def _logs(name: str) -> str:
+    return subprocess.run(["dvc", "queue", "logs", name], capture_output=True, text=True).stdout
+
+
 def _own_error(name: str) -> str | None:
     """The experiment's own one-line error (a stage's `error: ...`), from `dvc queue logs`."""
-    result = subprocess.run(["dvc", "queue", "logs", name], capture_output=True, text=True)
-    return next((line for line in result.stdout.splitlines() if line.startswith("error: ")), None)
+    return next((line for line in _logs(name).splitlines() if line.startswith("error: ")), None)
+
+
+def stages_run(name: str) -> dict[str, list[str]]:
+    """The stages a finished queued experiment ran, and those DVC's run-cache served, from its log."""
+    log = _logs(name)
+    return {
+        "ran": re.findall(r"Running stage '([^']+)'", log),
+        "served": re.findall(r"Stage '([^']+)' is cached - skipping run", log),
+    }
+
+
+def _remove_older(names: list[str]) -> None:
+    """Remove the experiments of the current commit that bear any of `names` (a re-run of a grid)."""
+    shown = json.loads(_dvc("exp", "show", "--json"))
+    existing = {r["name"] for c in shown for e in c.get("experiments") or [] for r in e["revs"]}
+    if older := sorted(existing & set(names)):
+        _dvc("exp", "remove", *older)
 
 
 def run_queued(grid: list[Experiment], jobs: int) -> None:
@@ -108,6 +132,7 @@ def run_queued(grid: list[Experiment], jobs: int) -> None:
     pending, failures = list(grid), {}
     for attempt in range(RETRIES + 1):
         _dvc("queue", "remove", "--queued", "--failed", "--success")
+        _remove_older([e.name for e in pending])
         for experiment in pending:
             _dvc(*experiment.queue_args())
         logger.info(
@@ -148,11 +173,18 @@ def show_all() -> list[dict]:
     return json.loads(_dvc("exp", "show", "--json", "--all-commits"))
 
 
-def finished(shown: list[dict], prefix: str = "", since: datetime.datetime | None = None) -> dict[str, str]:
-    """Git revision of each finished experiment named `prefix...` in `dvc exp show --json` output,
-    finished at `since` or later; the newest where a name ran more than once (on another commit, say)."""
+class Finished(NamedTuple):
+    revision: str  # the experiment's git commit
+    at: datetime.datetime  # when it finished (its commit's timestamp)
+
+
+def finished(
+    shown: list[dict], prefix: str = "", since: datetime.datetime | None = None
+) -> dict[str, Finished]:
+    """Each finished experiment named `prefix...` in `dvc exp show --json` output, finished at `since` or
+    later; the newest where a name ran more than once (on another commit, say)."""
     runs = sorted(
-        (revision["data"]["timestamp"], revision["name"], revision["rev"])
+        (datetime.datetime.fromisoformat(revision["data"]["timestamp"]), revision["name"], revision["rev"])
         for commit in shown
         for experiment in commit.get("experiments") or []
         for revision in experiment["revs"]
@@ -160,14 +192,19 @@ def finished(shown: list[dict], prefix: str = "", since: datetime.datetime | Non
         and (revision.get("data") or {}).get("timestamp")
         and (experiment.get("executor") or {}).get("state", "success") == "success"
     )  # the queue's finished experiments keep their executor, in state "success"
-    earliest = since.isoformat() if since else ""
-    return {name: revision for stamp, name, revision in runs if stamp >= earliest}
+    return {name: Finished(revision, at) for at, name, revision in runs if since is None or at >= since}
 
 
 def read_files(revision: str, paths: list[str]) -> dict[str, Any]:
-    """JSON files, whole, from an experiment's git commit (`dvc exp show` drops list values)."""
-    return {path: json.loads(_git_show(f"{revision}:{path}")) for path in paths}
-
-
-def _git_show(spec: str) -> str:
-    return subprocess.run(["git", "show", spec], check=True, capture_output=True, text=True).stdout
+    """JSON files, whole, from an experiment's git commit (`dvc exp show` drops list values); a missing,
+    empty or corrupt file is one `BadInput` line naming it."""
+    files = {}
+    for path in paths:
+        shown = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True)
+        try:
+            files[path] = json.loads(shown.stdout) if shown.returncode == 0 else None
+        except ValueError as error:
+            raise BadInput(f"experiment {revision[:7]}: {path} is not readable JSON ({error})") from None
+        if not isinstance(files[path], dict):
+            raise BadInput(f"experiment {revision[:7]}: {path} missing or not a JSON object")
+    return files

@@ -44,7 +44,7 @@ def collect() -> dict:
     keys = [(p, s) for p in PRECISIONS for s in SEEDS]
     if missing := [name(*key) for key in keys if name(*key) not in revisions]:
         raise BadInput(f"no finished experiment {missing[0]}: run python -m posconv.tools.precision run")
-    runs = {key: read_metrics(revisions[name(*key)]) for key in keys}
+    runs = {key: read_metrics(revisions[name(*key)].revision, LAYERS) for key in keys}
     results: dict = {}
     for layer in LAYERS:
         files = {key: (run[evaluate_metrics(layer)], run[train_metrics(layer)]) for key, run in runs.items()}

@@ -20,15 +20,16 @@ from posconv.grid import (
     FULL_SCALE,
     REPLICATES,
     SCALE,
+    TOLERANCE_FACTOR,
     VARIANTS,
-    Variant,
     aggregate,
     compare,
     experiment_name,
     quantities,
+    tolerances,
 )  # fmt: skip
 from posconv.io import read_json, write_json
-from posconv.registry import CONTENT_ADAPTIVE, STUDY, evaluate_metrics, family_metrics, train_metrics
+from posconv.registry import STUDY, TOLERANCES, model_metrics
 from posconv.tools.experiments import (
     Experiment,
     finished,
@@ -36,11 +37,13 @@ from posconv.tools.experiments import (
     read_files,
     run_queued,
     show_all,
+    stages_run,
     stop_queue,
 )
 
 logger = logging.getLogger(__name__)
 TARGETS = {False: "evaluate", True: "families/dvc.yaml:evaluate"}  # the card, or the families pipeline
+STARTED = ".dvc/tmp/posconv-study-started.json"  # the grid's start, for its wall time (this machine)
 
 
 def grid(scale: dict) -> list[Experiment]:
@@ -59,31 +62,45 @@ def grid(scale: dict) -> list[Experiment]:
 
 
 def run_grid(scale: dict, jobs: int) -> dict:
-    """Run the grid on DVC's queue; return its wall seconds and the machine's CPU seconds meanwhile."""
-    started, cpu = time.perf_counter(), machine_cpu_seconds()
+    """Run the grid on DVC's queue; its start is recorded first (`STARTED`), so that a later `collect`
+    measures the grid's wall time itself even if the tool was stopped while the workers went on."""
+    write_json(STARTED, {"started": time.time(), "cpu_s": machine_cpu_seconds(), "jobs": jobs})
     try:
         run_queued(grid(scale), jobs)
     except KeyboardInterrupt:
         stop_queue()
         raise
-    return {"wall_s": time.perf_counter() - started, "cpu_s": machine_cpu_seconds() - cpu, "jobs": jobs}
+    return measured_cost(time.time(), machine_cpu_seconds())
 
 
-def metric_paths(model: str) -> tuple[str, str]:
-    """A model's (evaluation, training) metrics files in its experiment."""
-    evaluation = family_metrics(model) if model in CONTENT_ADAPTIVE else evaluate_metrics(model)
-    return evaluation, train_metrics(model)
+def measured_cost(finished_at: float, cpu_now: float | None) -> dict:
+    """Wall seconds from the recorded start of the grid to `finished_at`, and the machine's CPU seconds
+    meanwhile (None when the end is only known from the experiments' timestamps)."""
+    if not Path(STARTED).is_file():
+        raise BadInput(f"{STARTED}: no recorded start of a grid (run: python -m posconv.tools.study run)")
+    start = read_json(STARTED)
+    cpu = None if cpu_now is None else cpu_now - start["cpu_s"]
+    return {"wall_s": finished_at - start["started"], "cpu_s": cpu, "jobs": start["jobs"]}
 
 
-def read_metrics(revision: str, variant: Variant) -> dict[str, dict]:
-    """An experiment's metrics files of every model its pipeline trains."""
-    return read_files(revision, [path for model in variant.models for path in metric_paths(model)])
+def read_metrics(revision: str, models: tuple[str, ...]) -> dict[str, dict]:
+    """An experiment's metrics files of `models`."""
+    return read_files(revision, [path for model in models for path in model_metrics(model)])
+
+
+def reuse(names: list[str]) -> dict:
+    """Trainings the experiments ran and those DVC's run-cache served, from the queue's logs (None where
+    the queue no longer holds an experiment's log)."""
+    stages = [stages_run(name) for name in names]
+    if not all(s["ran"] or s["served"] for s in stages):
+        return {"trainings_run": None, "trainings_served_by_run_cache": None}
+    count = {key: sum(sum("train" in stage for stage in s[key]) for s in stages) for key in ("ran", "served")}
+    return {"trainings_run": count["ran"], "trainings_served_by_run_cache": count["served"]}
 
 
 def collect(cost: dict | None) -> None:
-    """Write the study file; `cost` None (collect only) keeps the cost the last full run measured."""
-    if cost is None and Path(STUDY).exists():
-        cost = read_json(STUDY)["cost"]
+    """Write the study file; `cost` None (collect only): measured from the recorded start of the grid to
+    the last experiment's finish."""
     revisions = finished(show_all(), prefix="study-")
     names = {experiment_name(name, s): name for name, variant in VARIANTS.items() for s in variant.seeds}
     missing = [name for name in names if name not in revisions]
@@ -92,10 +109,16 @@ def collect(cost: dict | None) -> None:
             f"no finished experiment {missing[0]} (and {len(missing) - 1} more of the grid's "
             f"{len(names)}): run python -m posconv.tools.study run"
         )
+    if cost is None:
+        cost = measured_cost(max(revisions[name].at for name in names).timestamp(), None)
+    cost |= reuse(list(names))
     evaluate = load_params().evaluate.model_copy(update={"sizes": SCALE["evaluate.sizes"]})
     readers = quantities(evaluate.sizes, evaluate.shifts, evaluate.scales)
-    metrics = {name: read_metrics(revisions[name], VARIANTS[variant]) for name, variant in names.items()}
-    results = aggregate(metrics, readers, metric_paths)
+    metrics = {
+        name: read_metrics(revisions[name].revision, VARIANTS[variant].models)
+        for name, variant in names.items()
+    }
+    results = aggregate(metrics, readers, model_metrics)
     variants = {
         name: {"changes": v.changes, "models": v.models, "seeds": v.seeds} for name, v in VARIANTS.items()
     }
@@ -104,7 +127,8 @@ def collect(cost: dict | None) -> None:
         "margins": {name: q.margin for name, q in readers.items()}, "cost": cost,
         "results": results, "comparisons": compare(results, readers),
     })  # fmt: skip
-    logger.info("wrote %s: %d variants, %d experiments", STUDY, len(VARIANTS), len(names))
+    write_json(TOLERANCES, {"factor": TOLERANCE_FACTOR, "tolerances": tolerances(results, readers)})
+    logger.info("wrote %s and %s: %d variants, %d experiments", STUDY, TOLERANCES, len(VARIANTS), len(names))
 
 
 def main(argv: list[str]) -> None:
@@ -116,20 +140,9 @@ def main(argv: list[str]) -> None:
     arguments.add_argument(
         "-j", "--jobs", type=positive_int, default=1, help="DVC queue workers (dvc queue start -j)"
     )
-    arguments.add_argument(
-        "--wall-s",
-        type=positive_int,
-        help="collect: the wall seconds of a grid whose workers finished it without the tool (by hand)",
-    )
     args = arguments.parse_args(argv)
     scale = FULL_SCALE if args.full_scale else SCALE
-    if args.step == "run":
-        cost = run_grid(scale, args.jobs)
-    else:
-        cost = (
-            None if args.wall_s is None else {"wall_s": float(args.wall_s), "cpu_s": None, "jobs": args.jobs}
-        )
-    collect(cost)
+    collect(run_grid(scale, args.jobs) if args.step == "run" else None)
 
 
 if __name__ == "__main__":
