@@ -825,6 +825,45 @@ def test_a_stuck_compiler_is_killed_at_the_build_timeout(tmp_path: Path) -> None
     assert "posconv: involution: its C++ operator did not build within 2.0 s" in stderr
 
 
+BUILDER = """
+from posconv.layers import acceleration, involution
+print(involution.native_ready(), acceleration.backends())
+"""
+BARRIER = """#!/bin/sh
+touch "$BARRIER/$$"
+n=0
+while [ "$(ls "$BARRIER" | wc -l)" -lt 2 ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
+exec "$REAL_CXX" "$@"
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler here")
+def test_two_processes_building_at_once_each_load_a_whole_library(tmp_path: Path) -> None:
+    """Two processes (xdist workers, DVC queue workers) compile into one empty cache at the same time (a
+    compiler wrapper holds each until both have started): both run the operator, and the cache holds
+    one library and no partial file."""
+    (tmp_path / "barrier").mkdir()
+    wrapper = tmp_path / "c++"
+    wrapper.write_text(BARRIER)
+    wrapper.chmod(0o755)
+    (tmp_path / "builder.py").write_text(BUILDER)
+    env = {**os.environ, "PYTHONPATH": str(SRC), "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")}
+    env |= {
+        "CXX": str(wrapper),
+        "REAL_CXX": os.environ.get("CXX", "c++"),
+        "BARRIER": str(tmp_path / "barrier"),
+    }
+    command = [sys.executable, str(tmp_path / "builder.py")]
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    assert outputs == ["True {'involution': 'cpp'}\n"] * 2
+    assert len(list((tmp_path / "barrier").iterdir())) == 2  # both compiled
+    built = list((tmp_path / "cache" / "posconv_involution").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+
+
 # ---- under DistributedDataParallel ----
 
 RANKS = """

@@ -424,12 +424,14 @@ def _cpu() -> str:
 
 def _library() -> Path:
     """The operator library, built once per source, torch, compiler line and CPU, in torch's extension
-    cache. The compiler writes a private file renamed into place: processes that build at once each get
-    a whole library, and none waits on a lock that a killed build left behind."""
+    cache ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions, as cpp_extension.load). The compiler
+    writes a private file renamed into place: processes that build at once each get a whole library, and
+    none waits on a lock that a killed build left behind (cpp_extension.load's FileBaton would)."""
     from torch.utils import cpp_extension
 
     key = "\n".join([_SOURCE.read_text(), torch.__version__, *_build_command(Path("out")), _cpu()])
-    folder = Path(cpp_extension.get_default_build_root()) / "posconv_involution"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    folder = Path(root) / "posconv_involution"
     library = folder / f"involution_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if library.exists():
         return library
