@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-if "PYTEST_XDIST_WORKER" in os.environ:  # one thread per test worker (and its subprocesses): no oversubscribing
+if "PYTEST_XDIST_WORKER" in os.environ:  # one thread per test worker and its subprocesses
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 TINY = {  # a pipeline that runs in seconds on a CPU
     "generate": {"size": 32, "images": 48},

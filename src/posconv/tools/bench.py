@@ -1,7 +1,7 @@
 """Benchmarks that print ratios measured within one run.
 
-`python -m posconv.tools.bench {layers,generate,train,families}`; `layers` is the `bench_layers` stage of
-`study/dvc.yaml` and writes `metrics/bench_layers.json`, which the report reads.
+`python -m posconv.tools.bench {layers,generate,train,families,involution}`; `layers` is the `bench_layers`
+stage of `study/dvc.yaml` and writes `metrics/bench_layers.json`, which the report reads.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from posconv.registry import (
     BASELINE,
     BENCH_LAYERS,
     CONTENT_ADAPTIVE,
+    COORD_INVOLUTION,
     DEFORM,
     INVOLUTION,
     LAYERS,
@@ -510,11 +511,50 @@ def bench_families(args: argparse.Namespace) -> None:
             )
 
 
+# ---- involution ----
+
+_INVOLUTION_TARGET = 1.0  # fwd+bwd time of the involution layer (generator included) / nn.Conv2d's
+_INVOLUTION_LAYERS = (VANILLA, INVOLUTION, COORD_INVOLUTION)
+
+
+def _involution_cases(quick: bool) -> list[tuple[str, Callable[[str], nn.Module], tuple, bool]]:
+    """The square case (64 -> 64 channels, 64 px), then the model's encoder (width 16, 128 px), batch 8."""
+    if quick:
+        return list(_layer_cases(4, 16, 2))[1:2]
+    square = partial(make_conv, in_channels=64, out_channels=64, kernel_size=3, padding=1)
+    return [("64->64 @64", square, (8, 64, 64, 64), True), *_layer_cases(16, 128, 8)]
+
+
+def bench_involution(args: argparse.Namespace) -> None:
+    """Forward+backward of involution and coordinvolution (the kernel generator included) over
+    nn.Conv2d's, float32 channels_last (the model's layout), interleaved in one run: the ratio of the
+    fastest repetitions (other processes only ever add time) and the median of the per-repetition ratios."""
+    reps = 2 if args.quick else args.reps
+    if reps < 1:
+        raise BadInput(f"--reps {reps}: expected at least 1 repetition")
+    print(f"float32 channels_last, {torch.get_num_threads()} threads, {reps} reps; ratio: min (median)")
+    print(f"{'case':<16}{'conv2d ms':>10}" + "".join(f"{name:>22}" for name in _INVOLUTION_LAYERS[1:]))
+    for label, build, shape, needs_grad in _involution_cases(args.quick):
+        torch.manual_seed(0)
+        layers = {name: build(name).to(memory_format=torch.channels_last) for name in _INVOLUTION_LAYERS}
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(needs_grad)
+        times = _time_interleaved({name: partial(layer, x) for name, layer in layers.items()}, reps)
+        base = times[VANILLA]
+        cells = []
+        for name in _INVOLUTION_LAYERS[1:]:
+            fastest = min(times[name]) / min(base)
+            median = statistics.median(t / t0 for t, t0 in zip(times[name], base, strict=True))
+            cells.append(f"{1e3 * min(times[name]):>8.2f} ms {fastest:.2f}x ({median:.2f}x)")
+        print(f"{label:<16}{1e3 * min(base):>10.2f}" + "".join(f"{cell:>22}" for cell in cells), flush=True)
+    print(f"target: involution / conv2d <= {_INVOLUTION_TARGET}")
+
+
 BENCHMARKS = {
     "layers": bench_layers,
     "generate": bench_generate,
     "train": bench_train,
     "families": bench_families,
+    "involution": bench_involution,
 }
 
 
@@ -522,9 +562,9 @@ def main(argv: list[str]) -> None:
     arguments = parser(__name__, __doc__)
     arguments.add_argument("which", choices=BENCHMARKS)
     arguments.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    arguments.add_argument("--reps", type=int, default=20, help="timed repetitions (families, involution)")
     families = arguments.add_argument_group("families")
     families.add_argument("--channels", type=int, default=16, help="in and out channels (the model's: 16)")
-    families.add_argument("--reps", type=int, default=20, help="timed repetitions of each case")
     families.add_argument("--statistic", choices=tuple(_STATISTICS), default="median")
     args = arguments.parse_args(argv)
     BENCHMARKS[args.which](args)
