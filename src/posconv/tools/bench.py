@@ -178,7 +178,7 @@ def _cpu_name() -> str:
 
 def bench_layers(args: argparse.Namespace) -> None:
     """Forward+backward time of coordbias and coordconv over nn.Conv2d's at the encoder's shapes."""
-    widths, size, batch, budget_s = ((4,), 16, 2, 0.1) if args.quick else ((32, 64), 128, 16, 4.0)
+    widths, size, batch, budget_s = ((4,), 16, 2, 0.1) if args.quick else ((32, 64), 128, 16, 2.0)
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     header = dict(device="dev", dtype="dtype", format="mem", width="w", layer="layer", reps="reps")
     header |= dict(vanilla_ms="conv2d ms")
