@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -254,6 +255,7 @@ def test_class6_a_deeply_nested_params_file_is_one_line(project: Path) -> None:
 
 
 def test_class6_an_output_folder_that_cannot_be_written_is_one_line(project: Path) -> None:
+    shutil.rmtree(project / "metrics")
     (project / "metrics").write_text("a file where the stage needs a folder")
     result = runner(project)("python", "-m", "posconv.stages.check_params", check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
