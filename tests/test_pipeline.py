@@ -206,6 +206,9 @@ def check_family_outputs(project: Path) -> None:
         check_scores(read(project, f"metrics/families/{family}.json"), test_images, 32)
         spec = torch.load(project / f"models/{family}.pt", weights_only=True)["spec"]
         assert spec["layer"] == family and spec["placement"] == "first"  # families.placement
+        backends = read(project, f"metrics/train/{family}/metrics.json")["backends"]  # what ran each op
+        assert set(backends.values()) <= {"cpp", "eager"}
+        assert {op for op in ("involution", "deform") if op in family} == set(backends)
 
 
 def check_outputs(project: Path, layer: str) -> None:

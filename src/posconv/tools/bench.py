@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from posconv import distributed
-from posconv.cli import parser, run
+from posconv.cli import parser
 from posconv.config import TrainParams, load_params
 from posconv.data import write_scenes
 from posconv.distributed import World
@@ -62,6 +62,7 @@ from posconv.registry import (
     VANILLA,
 )
 from posconv.scenes import draw_scenes, image_stream
+from posconv.stages import run_stage
 from posconv.stages.train import LiveLog
 
 # ---- layers ----
@@ -571,4 +572,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)  # under DVC, a failed or stopped run puts back the outputs DVC removed
