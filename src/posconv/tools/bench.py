@@ -56,6 +56,7 @@ from posconv.registry import (
     CONTENT_ADAPTIVE,
     COORD_INVOLUTION,
     DEFORM,
+    FAMILIES,
     INVOLUTION,
     LAYERS,
     N_CLASSES,
@@ -199,14 +200,67 @@ def bench_layers(args: argparse.Namespace) -> None:
             worst = max(row[f"{name}_ratio"] for name in _AWARE)  # the default (plain) path
             rows.append(row | {"meets_target": worst <= _LAYER_TARGETS[device]})
             print(_layer_line(row), flush=True)
+    families, new_layers = _family_ratios(args.quick), _family_layer_rows(args.quick, budget_s)
     names = {"cpu": _cpu_name()}
     names |= {"cuda": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
     summary = {"torch": torch.__version__, "threads": torch.get_num_threads(), "devices": names}
     summary |= {"load_average_1min": {"start": load_before, "end": os.getloadavg()[0]}}
     summary |= {"batch": batch, "quick": args.quick, "targets": _LAYER_TARGETS, "results": rows}
+    summary |= {"families": families, "family_layers": new_layers}
     if not args.quick:  # a smoke test's toy sizes must not replace the committed measurement
         write_json(Path(BENCH_LAYERS), summary)
     print(f"{sum(row['meets_target'] for row in rows)}/{len(rows)} cases within target {_LAYER_TARGETS}")
+
+
+_FAMILY_TARGETS = {INVOLUTION: 1.0, DEFORM: 4.0}  # fwd+bwd / nn.Conv2d's at 64->64, 64 px, batch 8, fp32
+
+
+def _family_ratios(quick: bool) -> list[dict[str, Any]]:
+    """The content-adaptive layers against nn.Conv2d at 64->64 channels, 64x64, batch 8, float32, in both
+    memory formats: the fastest of 10 interleaved repetitions each (other jobs only ever add time)."""
+    channels, size, batch, reps = (4, 8, 2, 2) if quick else (64, 64, 8, 10)
+    rows = []
+    for memory_format, name in _FORMAT_NAMES.items():
+        steps = _family_steps(channels, size, batch, memory_format)
+        times = _time_interleaved({layer: steps[layer] for layer in _FAMILY_LAYERS}, reps)
+        fastest = {layer: min(seconds) for layer, seconds in times.items()}
+        for layer in CONTENT_ADAPTIVE:
+            ratio, target = fastest[layer] / fastest[VANILLA], _FAMILY_TARGETS.get(layer)
+            rows.append({
+                "format": name, "layer": layer, "ms": round(1e3 * fastest[layer], 3),
+                "vanilla_ms": round(1e3 * fastest[VANILLA], 3), "ratio": round(ratio, 3), "target": target,
+                "meets_target": None if target is None else ratio <= target,
+            })  # fmt: skip
+            print(f"{name} {layer:<16} {ratio:6.2f}x nn.Conv2d (64->64, 64 px, batch 8)", flush=True)
+    return rows
+
+
+def _built(build: Callable[[str], nn.Module], layer: str, x: torch.Tensor) -> nn.Module:
+    """The layer, its lazy parameters laid out for `x` (the spatial-specific filter's depend on the size)."""
+    module = build(layer)
+    with torch.no_grad():
+        module(x.detach())
+    return module.to(memory_format=torch.channels_last)
+
+
+def _family_layer_rows(quick: bool, budget_s: float) -> list[dict[str, Any]]:
+    """Every layer of families/dvc.yaml against nn.Conv2d at the model's encoder shapes (width 16, 128 px,
+    batch 8, channels_last float32): the median of per-repetition ratios, interleaved."""
+    width, size, batch = (4, 16, 2) if quick else (16, 128, 8)
+    rows = []
+    for case, build, shape, needs_grad in _layer_cases(width, size, batch):
+        x = torch.rand(shape).contiguous(memory_format=torch.channels_last).requires_grad_(needs_grad)
+        modules = {layer: (_built(build, layer, x), False) for layer in (VANILLA, *FAMILIES)}
+        times = _time_layers(modules, x, budget_s)
+        row: dict[str, Any] = {"layer": case, "reps": len(times[VANILLA])}
+        row["vanilla_ms"] = round(1e3 * statistics.median(times[VANILLA]), 3)
+        for layer in FAMILIES:
+            ratios = [t / t0 for t, t0 in zip(times[layer], times[VANILLA], strict=True)]
+            row[f"{layer}_ratio"] = round(statistics.median(ratios), 3)
+        rows.append(row)
+        ratios = " ".join(f"{layer} {row[f'{layer}_ratio']:.2f}x" for layer in FAMILIES)
+        print(f"{case:<15}{ratios}", flush=True)
+    return rows
 
 
 # ---- generate ----
