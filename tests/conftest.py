@@ -13,11 +13,13 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if "PYTEST_XDIST_WORKER" in os.environ:  # one thread per test worker and its subprocesses
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 TINY = {  # a pipeline that runs in seconds on a CPU
     "generate": {"size": 32, "images": 48},
     "model": {"width": 4},
     "train": {"epochs": 1, "batch_size": 8, "val_every": 2},
-    "evaluate": {"examples": 2, "sizes": [24, 40], "equivariance_images": 4},
+    "evaluate": {"examples": 2, "sizes": [24, 40], "scales": [0.75, 1.5], "equivariance_images": 4},
     "check": {"min_miou": 0.0, "min_position_recall": 0.0, "min_transfer_position_recall": 0.0},
     "coordinates": {  # two seeds: enough for a paired comparison; one evaluation a run
         "layers": {"vanilla": 2, "coordbias": 2, "coordconv": 2, "coordbias_per_input": 2, "paper_conv": 2},

@@ -71,3 +71,14 @@ def test_families_benchmark_times_each_layer_and_both_formulations(sh: Callable)
             assert rows[op][2].endswith("x") and float(rows[op][2][:-1]) > 0  # against its unfold form
             assert float(rows[f"{op}, unfold"][3]) > 0  # the unfold form saves memory for backward
         assert rows["vanilla"][1] == "1.00x"
+
+
+def test_involution_benchmark_times_both_layers_against_conv2d(sh: Callable) -> None:
+    lines = sh("python", "-m", "posconv.tools.bench", "involution", "--quick").stdout.splitlines()
+    assert lines[0].startswith("float32 channels_last") and "2 reps" in lines[0]
+    assert lines[1].split() == ["case", "conv2d", "ms", "involution", "coordinvolution"]
+    conv_ms, cells = lines[2][16:].split(maxsplit=1)
+    assert lines[2][:16].strip() == "4->4 @16" and float(conv_ms) > 0
+    ratios = re.findall(r"(\d+\.\d+) ms (\d+\.\d+)x \((\d+\.\d+)x\)", cells)  # ms, min, median
+    assert len(ratios) == 2 and all(float(value) > 0 for found in ratios for value in found)
+    assert lines[-1] == "target: involution / conv2d <= 1.0"

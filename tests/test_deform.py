@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,12 +19,43 @@ import torch.nn.functional as F
 from test_layers import _forward_and_grads
 from torch import nn
 
+from posconv.layers import acceleration, native
+from posconv.layers import deform as deform_module
 from posconv.layers.deform import CoordDeformConv2d, DeformConv2d, Form, deform_conv2d
 
-# PyTorch's note that an even kernel with padding="same" pads a copy of the input: expected here
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+pytestmark = [
+    # PyTorch's note that an even kernel with padding="same" pads a copy of the input: expected here
+    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel"),
+    # the eager path's tests switch acceleration off, on purpose
+    pytest.mark.filterwarnings("ignore:posconv. deform. POSCONV_ACCELERATE=0"),
+]
 
 F64 = torch.float64
+PATHS = ["cpp", "eager"]  # the fast form's two implementations (module docstring of deform.py)
+
+
+def _require_the_library() -> None:
+    """Skip where no compiler exists (the C++ path cannot run there); fail where one exists and the
+    library does not build, which is a bug."""
+    library = deform_module._library()
+    if isinstance(library, str):
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip(f"no C++ compiler: {library}")
+        pytest.fail(library)
+
+
+@pytest.fixture
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str | None]:
+    """The fast form's implementation the test runs ("cpp", or "eager" with acceleration off), checked
+    after the test to be the one that ran; None for a test of the column form alone."""
+    chosen = request.param
+    if chosen == "eager":
+        monkeypatch.setenv(acceleration.SWITCH, "0")
+    elif chosen == "cpp":
+        _require_the_library()
+    yield chosen
+    if chosen is not None:
+        assert acceleration.backends()["deform"] == chosen
 
 
 # ---- the reference: the definition, one output number at a time, in Python floats ----
@@ -177,7 +215,10 @@ def _reference(operands: dict[str, Any]) -> torch.Tensor:
     )
 
 
-# ---- forward: the fast form and the column form against the loops ----
+# ---- forward: the fast form (both paths) and the column form against the loops ----
+
+FORMS = [("fast", "cpp"), ("fast", "eager"), ("unfold", None)]
+FORM_IDS = ["fast-cpp", "fast-eager", "unfold"]
 
 
 @pytest.mark.parametrize(
@@ -185,9 +226,17 @@ def _reference(operands: dict[str, Any]) -> torch.Tensor:
     [(*g, k) for g, k in zip(FUNCTIONAL, FUNCTIONAL_KERNELS, strict=True)],
     ids=FUNCTIONAL_IDS,
 )
-@pytest.mark.parametrize("form", ["fast", "unfold"])
+@pytest.mark.parametrize(("form", "path"), FORMS, indirect=["path"], ids=FORM_IDS)
 def test_forward_equals_the_loops(
-    h: int, w: int, c_in: int, c_out: int, kwargs: dict, offset_groups: int, kernel: Any, form: Form
+    h: int,
+    w: int,
+    c_in: int,
+    c_out: int,
+    kwargs: dict,
+    offset_groups: int,
+    kernel: Any,
+    form: Form,
+    path: str | None,
 ) -> None:
     operands = _operands(h, w, c_in, c_out, kwargs, offset_groups, kernel)
     expected = _reference(operands)
@@ -196,14 +245,22 @@ def test_forward_equals_the_loops(
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("form", ["fast", "unfold"])
-def test_without_a_mask_every_tap_weighs_one(form: Form) -> None:
-    """DCNv1: `mask=None` is the layer with every mask 1."""
+@pytest.mark.parametrize(("form", "path"), FORMS, indirect=["path"], ids=FORM_IDS)
+def test_without_a_mask_every_tap_weighs_one(form: Form, path: str | None) -> None:
+    """DCNv1: `mask=None` is the layer with every mask 1, its gradients those of unit masks."""
     operands = _operands(6, 5, 2, 3, dict(padding=1), 1, 3) | {"mask": None}
     torch.testing.assert_close(_call(form, operands), _reference(operands), rtol=1e-10, atol=1e-10)
+    grads = []
+    for mask in (None, torch.ones_like(_operands(6, 5, 2, 3, dict(padding=1), 1, 3)["mask"])):
+        leaves = {key: operands[key].clone().requires_grad_() for key in ("input", "offset", "weight")}
+        y = _call(form, operands | leaves | {"mask": mask})
+        grads.append(torch.autograd.grad(y, list(leaves.values()), torch.ones_like(y)))
+    for without, ones in zip(*grads, strict=True):
+        torch.testing.assert_close(without, ones, rtol=1e-12, atol=1e-12)
 
 
-def test_places_beyond_the_input_read_zero() -> None:
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_places_beyond_the_input_read_zero(path: str) -> None:
     """Every tap pushed far out: only the bias is left (the plain convolution and its subtraction cancel)."""
     operands = _operands(6, 5, 2, 3, dict(padding=1), 1, 3)
     operands["offset"] = torch.full_like(operands["offset"], -1e4)
@@ -241,8 +298,17 @@ def _away_from_integers(offset: torch.Tensor, seed: int) -> torch.Tensor:
     ],
     ids=["stride2", "groups2-og2-dilated"],
 )
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 def test_gradcheck_functional(
-    h: int, w: int, c_in: int, c_out: int, kwargs: dict, offset_groups: int, kernel: Any, fast_mode: bool
+    h: int,
+    w: int,
+    c_in: int,
+    c_out: int,
+    kwargs: dict,
+    offset_groups: int,
+    kernel: Any,
+    fast_mode: bool,
+    path: str,
 ) -> None:
     """Finite differences agree with autograd w.r.t. input, offsets, masks, weight and bias: every
     Jacobian entry on one geometry, a random projection of them (fast_mode) on the other."""
@@ -280,7 +346,8 @@ def _randomised(layer: DeformConv2d, seed: int = 6, offset_scale: float = 0.3) -
     ids=["stride2-og2", "same-reflect-groups2"],
 )
 @pytest.mark.parametrize("cls", [DeformConv2d, CoordDeformConv2d])
-def test_gradcheck_layer_every_parameter(kwargs: dict, cls: type) -> None:
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_gradcheck_layer_every_parameter(kwargs: dict, cls: type, path: str) -> None:
     """Input, weight, bias, the offset convolution's weight and bias (and coord_bias); fast_mode (a random
     projection of the Jacobian: the full one takes a forward per entry of the offset convolution)."""
     layer = _randomised(cls(2, 2, dtype=F64, **kwargs))
@@ -295,8 +362,10 @@ def test_gradcheck_layer_every_parameter(kwargs: dict, cls: type) -> None:
     assert torch.autograd.gradcheck(forward, inputs, fast_mode=True)  # a random projection of the Jacobian
 
 
-def test_second_derivatives_agree_with_the_column_form() -> None:
-    """A gradient penalty differentiates twice: both forms are plain autograd over grid_sample."""
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_second_derivatives_agree_with_the_column_form(path: str) -> None:
+    """A gradient penalty differentiates twice: the column form and the eager path are plain autograd over
+    grid_sample; the C++ path's backward, asked for a graph (create_graph), differentiates the eager form."""
     operands = _operands(5, 5, 2, 2, dict(padding=1), 1, 3, seed=8)
     operands["offset"] = _away_from_integers(operands["offset"].clamp(-3, 3), seed=9)
     results = []
@@ -342,7 +411,10 @@ def _frame(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, 
 
 
 @pytest.mark.parametrize(("h", "w", "kwargs"), LAYER_GEOMETRIES, ids=LAYER_IDS)
-def test_layer_equals_the_loops_with_its_own_offsets_and_masks(h: int, w: int, kwargs: dict) -> None:
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_layer_equals_the_loops_with_its_own_offsets_and_masks(
+    h: int, w: int, kwargs: dict, path: str
+) -> None:
     """The offsets are the offset convolution's first 2·G·K channels, the masks 2·sigmoid of the rest."""
     layer = _randomised(_layer(kwargs), offset_scale=0.5)
     x = _input(h, w)
@@ -378,8 +450,11 @@ def test_layer_equals_the_loops_with_its_own_offsets_and_masks(h: int, w: int, k
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 def test_at_init_the_layer_is_exactly_nn_conv2d_with_the_same_draws(
-    dtype: torch.dtype, channels_last: bool
+    dtype: torch.dtype,
+    channels_last: bool,
+    path: str,
 ) -> None:
     """Same seed: same weight and bias, same random stream afterwards (the zero offset convolution draws
     nothing), and bit for bit the same output, on sizes where grid_sample's own normalisation would not
@@ -413,7 +488,8 @@ def test_at_init_the_layer_is_exactly_nn_conv2d_with_the_same_draws(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_zero_offsets_and_unit_masks_give_exactly_f_conv2d(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_zero_offsets_and_unit_masks_give_exactly_f_conv2d(dtype: torch.dtype, path: str) -> None:
     for (h, w, c_in, c_out, kwargs, offset_groups), kernel in zip(
         FUNCTIONAL, FUNCTIONAL_KERNELS, strict=True
     ):
@@ -428,7 +504,8 @@ def test_zero_offsets_and_unit_masks_give_exactly_f_conv2d(dtype: torch.dtype) -
         assert torch.equal(deform_conv2d(**operands), expected), kwargs
 
 
-def test_at_init_gradients_are_the_plain_convolutions() -> None:
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_at_init_gradients_are_the_plain_convolutions(path: str) -> None:
     """The same numbers to float32 rounding (computed differently: through the samples, not convolution's
     transpose); the offset convolution gets a gradient, so the layer can start deforming."""
     torch.manual_seed(1)
@@ -453,7 +530,8 @@ def test_at_init_gradients_are_the_plain_convolutions() -> None:
 
 @pytest.mark.parametrize(("h", "w", "kwargs"), LAYER_GEOMETRIES[:3], ids=LAYER_IDS[:3])
 @pytest.mark.parametrize("cls", [DeformConv2d, CoordDeformConv2d])
-def test_channels_last_gives_the_numbers_of_nchw(h: int, w: int, kwargs: dict, cls: type) -> None:
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_channels_last_gives_the_numbers_of_nchw(h: int, w: int, kwargs: dict, cls: type, path: str) -> None:
     layer = _randomised(_layer(kwargs, cls=cls), offset_scale=0.5)
     expected = _forward_and_grads(layer, _input(h, w), list(layer.parameters()))
     layer = layer.to(memory_format=torch.channels_last)
@@ -472,8 +550,14 @@ BF16_TOLERANCE = 2e-2  # of the largest magnitude: 8 mantissa bits (2^-8 = 0.004
 )
 @pytest.mark.parametrize(("h", "w", "kwargs"), LAYER_GEOMETRIES[:3], ids=LAYER_IDS[:3])
 @pytest.mark.parametrize("cls", [DeformConv2d, CoordDeformConv2d])
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 def test_bfloat16_autocast_follows_float64(
-    h: int, w: int, kwargs: dict, cls: type, memory_format: torch.memory_format
+    h: int,
+    w: int,
+    kwargs: dict,
+    cls: type,
+    memory_format: torch.memory_format,
+    path: str,
 ) -> None:
     """Output and every gradient within BF16_TOLERANCE of float64's largest magnitude; output bfloat16 as
     autocast's convolution's, parameter gradients float32, memory format kept."""
@@ -491,7 +575,8 @@ def test_bfloat16_autocast_follows_float64(
         )
 
 
-def test_under_autocast_sampling_places_stay_float32() -> None:
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_under_autocast_sampling_places_stay_float32(path: str) -> None:
     """Half-pixel offsets far from the origin: in bfloat16 (8 bits) the place 200.5 is 200 or 202, which
     reads one pixel instead of the mean of two. Float32 places give the mean, within bfloat16 rounding."""
     layer = DeformConv2d(1, 1, 1, bias=False)
@@ -535,7 +620,8 @@ def _coordinate_term(
     return torch.stack([torch.stack([torch.stack(row) for row in plane]) for plane in term])
 
 
-def test_coord_variant_starts_as_the_deformable_and_the_plain_convolution() -> None:
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_coord_variant_starts_as_the_deformable_and_the_plain_convolution(path: str) -> None:
     for h, w, kwargs in LAYER_GEOMETRIES:
         coord = _layer(kwargs, torch.float32, CoordDeformConv2d)
         deform = _layer(kwargs, torch.float32)
@@ -551,8 +637,13 @@ def test_coord_variant_starts_as_the_deformable_and_the_plain_convolution() -> N
 
 @pytest.mark.parametrize(("h", "w", "kwargs"), LAYER_GEOMETRIES, ids=LAYER_IDS)
 @pytest.mark.parametrize("coords", ["centered", "seed"])
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 def test_coord_variant_adds_the_coordinate_term_at_the_output_pixels(
-    h: int, w: int, kwargs: dict, coords: str
+    h: int,
+    w: int,
+    kwargs: dict,
+    coords: str,
+    path: str,
 ) -> None:
     coord = _randomised(_layer(kwargs, cls=CoordDeformConv2d, coords=coords), offset_scale=0.5)
     assert coord.coord_bias.abs().min() > 0
@@ -653,3 +744,151 @@ def test_an_unknown_form_is_refused() -> None:
     operands = _operands(6, 5, 2, 3, dict(padding=1), 1, 3)
     with pytest.raises(ValueError, match="form = 'loops': expected one of fast, unfold"):
         deform_conv2d(**operands, form="loops")  # type: ignore[arg-type]
+
+
+# ---- the C++ path: what runs, the build, the fall back ----
+
+
+def test_the_cpp_path_is_recorded_and_switching_it_off_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    _require_the_library()
+    layer = _randomised(_layer(dict(kernel_size=3, padding=1)), offset_scale=0.5)
+    x = _input(6, 5)
+    fast = layer(x)
+    assert acceleration.backends()["deform"] == "cpp"
+    monkeypatch.setenv(acceleration.SWITCH, "0")
+    acceleration.record("deform", "cpp")  # as if the C++ path had run last, whatever ran before
+    with pytest.warns(
+        UserWarning, match="posconv: deform: POSCONV_ACCELERATE=0; running its eager"
+    ) as caught:
+        eager = layer(x)
+        layer(x)
+    assert len(caught) == 1 and acceleration.backends()["deform"] == "eager"
+    torch.testing.assert_close(fast, eager, rtol=1e-12, atol=1e-12)
+
+
+def _fake_compiler(folder: Path, body: str) -> Path:
+    """An executable answering --version like a compiler, doing `body` when asked to compile."""
+    script = folder / "fake-c++"
+    script.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then echo fake 1.0; exit 0; fi\n{body}\n')
+    script.chmod(0o755)
+    return script
+
+
+@pytest.fixture
+def fresh_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty library cache, and the library forgotten: the next call builds it (or fails to) anew, and
+    the tests after this one load the real library again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    deform_module._library.cache_clear()
+    yield tmp_path / "cache" / "posconv"
+    deform_module._library.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("compiler", "message"),
+    [
+        (None, r"missing-c\+\+ cannot run"),
+        ("echo 'error: something is wrong' >&2; exit 1", r"failed \(exit 1\): error: something is wrong"),
+        ("sleep 60 & wait", r"ran past 1 s and was killed"),  # a compiler that hangs, in a child process
+    ],
+    ids=["missing", "failing", "hanging"],
+)
+def test_a_compiler_that_cannot_build_falls_back_with_one_warning(
+    compiler: str | None,
+    message: str,
+    fresh_build: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The eager path runs, after one warning line that says why; nothing is left in the cache; a hung
+    compiler is killed, with its children, after BUILD_TIMEOUT_S."""
+    executable = tmp_path / "missing-c++" if compiler is None else _fake_compiler(tmp_path, compiler)
+    monkeypatch.setenv("CXX", str(executable))
+    monkeypatch.setattr(native, "BUILD_TIMEOUT_S", 1)
+    layer = _randomised(_layer(dict(kernel_size=3, padding=1)), offset_scale=0.5)
+    x = _input(6, 5)
+    acceleration.record("deform", "cpp")
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match=rf"posconv: deform: .*{message}.*; running its eager") as caught:
+        y = layer(x)
+        layer(x)
+    assert time.monotonic() - started < 30
+    assert len(caught) == 1 and acceleration.backends()["deform"] == "eager"
+    assert not fresh_build.exists() or not list(fresh_build.iterdir())
+    monkeypatch.setenv(acceleration.SWITCH, "0")
+    assert torch.equal(y, layer(x))  # the eager path's numbers
+
+
+def test_a_cold_build_leaves_one_library_and_is_used(fresh_build: Path) -> None:
+    layer = _randomised(_layer(dict(kernel_size=3, padding=1)), offset_scale=0.5)
+    layer(_input(6, 5))
+    assert acceleration.backends()["deform"] == "cpp"
+    assert [path.suffix for path in fresh_build.iterdir()] == [".so"]
+
+
+def test_concurrent_first_builds_share_one_library(tmp_path: Path) -> None:
+    """Two processes building into one empty cache at once (two pytest workers) both load a whole
+    library, and one file is left: each writes its own file and renames it into place. The compiler is
+    wrapped to log each build and wait a second before it, so that the two builds surely overlap."""
+    _require_the_library()
+    log = tmp_path / "builds.log"
+    real = shutil.which(os.environ.get("CXX", "c++"))
+    wrapper = _fake_compiler(tmp_path, f'echo build >> "{log}"; sleep 1; exec "{real}" "$@"')
+    script = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('native', sys.argv[1])\n"
+        "native = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(native)\n"
+        "native.load(native.Path(sys.argv[2]), tuple(sys.argv[3:])).deform_columns_f32\n"
+    )
+    command = [
+        sys.executable,
+        "-c",
+        script,
+        native.__file__,
+        str(deform_module._SOURCE),
+        *deform_module._FLAGS,
+    ]
+    cache = tmp_path / "cache"
+    environment = os.environ | {"XDG_CACHE_HOME": str(cache), "CXX": str(wrapper)}
+    workers = [subprocess.Popen(command, env=environment, stderr=subprocess.PIPE) for _ in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err.decode()
+    assert log.read_text().split() == ["build", "build"]  # neither found the other's library
+    assert [path.suffix for path in (cache / "posconv").iterdir()] == [".so"]
+
+
+@pytest.fixture
+def four_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_chunks_and_channel_blocks_give_the_loops(
+    monkeypatch: pytest.MonkeyPatch, four_threads: None
+) -> None:
+    """A batch cut into one-image chunks, each image's channels split in four blocks for four threads (the
+    backward's channel blocks, whose partial offset and mask gradients are added up after), across a
+    convolution group boundary: the loops' output, the eager path's gradients, the same on every run."""
+    _require_the_library()
+    monkeypatch.setattr(deform_module, "_CHUNK_BYTES", 1)
+    operands = _operands(5, 4, 32, 4, dict(padding=1, groups=2), 1, 3, seed=12)
+    names = ["input", "offset", "mask", "weight"]
+    geometry = deform_module._Geometry((3, 3), (1, 1), (1, 1), (1, 1), 2)
+    o = deform_module._operands(*map(operands.get, names), geometry, (5, 4))
+    assert [(chunk.n, chunk.blocks) for _, _, chunk in o.chunks()] == [(1, 4), (1, 4)]
+    torch.testing.assert_close(deform_conv2d(**operands), _reference(operands), rtol=1e-10, atol=1e-10)
+    results = []
+    for switch in ("1", "1", "0"):
+        monkeypatch.setenv(acceleration.SWITCH, switch)
+        leaves = {name: operands[name].clone().requires_grad_() for name in [*names, "bias"]}
+        y = deform_conv2d(**operands | leaves)
+        projection = torch.randn(y.shape, generator=_generator(13), dtype=F64)
+        results.append(torch.autograd.grad(y, list(leaves.values()), projection))
+    cpp, again, eager = results
+    assert all(torch.equal(a, b) for a, b in zip(cpp, again, strict=True))
+    for got, expected in zip(cpp, eager, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

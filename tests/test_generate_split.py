@@ -26,6 +26,7 @@ def make_project(directory: Path, **changes: Any) -> Path:
     """A folder holding the repo's params.yaml with `changes` ({"generate.size": 32, ...}) applied."""
     params = yaml.safe_load(REPO_PARAMS.read_text())
     params.update(seed=0, generate={"size": 32, "images": 40}, split={"val": 0.25, "test": 0.2})
+    params["evaluate"].update(equivariance_images=4, examples=4)  # within the 8 test images
     for key, value in changes.items():
         *groups, last = key.split(".")
         node = params

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +18,8 @@ import torch.nn.functional as F
 from test_layers import _forward_and_grads
 from torch import nn
 
+from posconv.layers import acceleration
+from posconv.layers import involution as involution_module
 from posconv.layers.involution import (
     CoordInvolution2d,
     Involution2d,
@@ -51,7 +58,23 @@ GEOMETRIES: list[tuple[int, int, int, int, dict[str, Any]]] = [
     (4, 4, 7, 7, dict(kernel_size=3, stride=3, padding=1, reduction=8)),  # last stride block partial; R = 1
     (2, 4, 6, 5, dict(kernel_size=1, stride=2, bias=False)),
 ]
-IDS = [f"{i}to{o}-{h}x{w}-" + "-".join(f"{k}={v}" for k, v in kw.items()) for i, o, h, w, kw in GEOMETRIES]
+# Groups of 16 channels: the compiled operator's vector kernel (the model's case), on images wide enough for
+# its tiles of 16 pixels, a partial tile and the border columns; every padding mode, strides, dilation
+VECTOR_GEOMETRIES: list[tuple[int, int, int, int, dict[str, Any]]] = [
+    (16, 16, 5, 21, dict(kernel_size=3, padding=1)),  # the model's layer
+    (8, 32, 4, 19, dict(kernel_size=3, padding=2, dilation=2, padding_mode="reflect")),  # G = 2
+    (16, 32, 6, 23, dict(kernel_size=3, stride=2, padding=1, padding_mode="circular", reduction=2)),
+    (32, 32, 5, 18, dict(kernel_size=(3, 5), padding=(2, 1), padding_mode="replicate", groups=2)),
+]
+
+
+def _ids(geometries: list[tuple]) -> list[str]:
+    return [
+        f"{i}to{o}-{h}x{w}-" + "-".join(f"{k}={v}" for k, v in kw.items()) for i, o, h, w, kw in geometries
+    ]
+
+
+IDS, VECTOR_IDS = _ids(GEOMETRIES), _ids(VECTOR_GEOMETRIES)
 BF16_TOLERANCE = 2e-2  # relative to the largest value: 8 mantissa bits (2^-8 = 0.004) and a few roundings
 
 
@@ -349,7 +372,7 @@ def test_a_layer_in_a_dtype_returns_that_dtype(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(
     "memory_format", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"]
 )
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+@pytest.mark.parametrize("geometry", GEOMETRIES + VECTOR_GEOMETRIES[:2], ids=IDS + VECTOR_IDS[:2])
 def test_bfloat16_autocast_follows_float64(geometry: tuple, memory_format: torch.memory_format) -> None:
     """Under bfloat16 autocast the output (bfloat16, as nn.Conv2d's) and every gradient are float64's within
     BF16_TOLERANCE; parameter gradients stay float32, the format is kept.
@@ -581,3 +604,320 @@ def test_compile_traces_the_layer_in_one_graph() -> None:
 def test_compile_with_inductor_matches_eager() -> None:
     """The default backend: about 30 s of compilation on 2 CPU cores."""
     _compiled_matches_eager("inductor")
+
+
+# ---- the compiled operator (posconv.layers.involution's default path on CPU) ----
+
+SRC = Path(involution_module.__file__).resolve().parents[2]
+HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler here: the layers run eagerly")
+def test_the_operator_is_built_and_runs_here() -> None:
+    """With a compiler the default path is the C++ operator (so the tests above exercise it)."""
+    layer = _layer(VECTOR_GEOMETRIES[0])
+    assert involution_module.native_ready()
+    layer(_input(VECTOR_GEOMETRIES[0]))
+    assert acceleration.backends()[involution_module.OP] == "cpp"
+
+
+@pytest.mark.parametrize("geometry", VECTOR_GEOMETRIES, ids=VECTOR_IDS)
+@pytest.mark.parametrize("cls", [Involution2d, CoordInvolution2d])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+def test_groups_of_16_channels_equal_the_loop_reference(
+    geometry: tuple, cls: type, channels_last: bool
+) -> None:
+    """The operator's vector kernel (channels_last, 16 channels a group) and its NCHW one, by definition."""
+    x = _input(geometry)
+    _check_reference(
+        _layer(geometry, cls), x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    )
+
+
+@pytest.mark.parametrize("geometry", VECTOR_GEOMETRIES[:3], ids=VECTOR_IDS[:3])
+def test_gradcheck_of_groups_of_16_channels(geometry: tuple) -> None:
+    x = _input(geometry, batch=1).contiguous(memory_format=torch.channels_last)
+    _gradcheck(_layer(geometry, CoordInvolution2d), x, fast_mode=True)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES + VECTOR_GEOMETRIES, ids=IDS + VECTOR_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+def test_the_operator_equals_the_eager_formulation(
+    geometry: tuple, channels_last: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Output and every gradient of the operator against the PyTorch formulation that runs without it."""
+    layer = _layer(geometry, CoordInvolution2d)
+    x = _input(geometry)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    compiled = _forward_and_grads(layer, x, list(layer.parameters()))
+    monkeypatch.setattr(involution_module, "_native", False)
+    eager = _forward_and_grads(layer, x, list(layer.parameters()))
+    for got, expected in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_an_input_without_gradient_as_the_first_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image into the first layer needs no gradient: the operator skips it, the parameters' agree."""
+    geometry = VECTOR_GEOMETRIES[1]
+    layer = _layer(geometry, CoordInvolution2d)
+    x = _input(geometry).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for native in (True, False):
+        monkeypatch.setattr(involution_module, "_native", native)
+        y = layer(x)
+        grads.append(torch.autograd.grad(y.square().sum(), list(layer.parameters())))
+    assert not x.requires_grad and x.grad is None
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_double_backward_through_the_layer() -> None:
+    """create_graph=True: the operator's backward is then the eager formulation's, itself differentiable."""
+    geometry = (4, 16, 4, 5, dict(kernel_size=3, padding=1, padding_mode="reflect"))
+    layer = _layer(geometry, CoordInvolution2d)
+    names = [name for name, _ in layer.named_parameters()]
+
+    def forward(x: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, dict(zip(names, parameters, strict=True)), (x,))
+
+    x = _input(geometry, batch=1).contiguous(memory_format=torch.channels_last).requires_grad_()
+    parameters = [p.detach().requires_grad_() for p in layer.parameters()]
+    assert torch.autograd.gradgradcheck(forward, (x, *parameters), fast_mode=True)
+
+
+def test_inference_and_no_grad_give_the_same_output() -> None:
+    geometry = VECTOR_GEOMETRIES[0]
+    layer, x = (
+        _layer(geometry, CoordInvolution2d),
+        _input(geometry).contiguous(memory_format=torch.channels_last),
+    )
+    expected = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    with torch.inference_mode():
+        got = layer(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_padding_that_f_pad_refuses_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reflecting by the input's size or wrapping around twice: a ValueError on either path."""
+    x = torch.randn(1, 4, 3, 5)
+    for native in (True, False):
+        monkeypatch.setattr(involution_module, "_native", native)
+        with pytest.raises(ValueError, match=r"padding_mode = 'reflect': each must be smaller than .* 3 x 5"):
+            Involution2d(4, 4, 3, padding=3, padding_mode="reflect")(x)
+        with pytest.raises(ValueError, match=r"padding_mode = 'circular': each must be at most .* 3 x 5"):
+            Involution2d(4, 4, 5, padding=4, padding_mode="circular")(x)
+        assert Involution2d(4, 4, 5, padding=(2, 4), padding_mode="reflect")(x).shape == (1, 4, 3, 9)
+
+
+def test_an_outer_torch_compile_keeps_the_operator_forward_and_backward() -> None:
+    """Dynamo traces the model in one graph and AOTAutograd's forward and backward graphs call the
+    operator and its backward (so Inductor compiles around them; no eager recomputation for the backward)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: dict[str, set[str]] = {}
+
+    def grab(name: str) -> Any:
+        def compiler(graph: torch.fx.GraphModule, inputs: list) -> Any:
+            graphs[name] = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+            return make_boxed_func(graph.forward)
+
+        return compiler
+
+    torch._dynamo.reset()
+    model = nn.Sequential(
+        Involution2d(16, 16, 3, padding=1), CoordInvolution2d(16, 32, 3, stride=2, padding=1)
+    )
+    x = torch.randn(2, 16, 12, 20).contiguous(memory_format=torch.channels_last).requires_grad_()
+    backend = aot_autograd(fw_compiler=grab("forward"), bw_compiler=grab("backward"))
+    torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
+    assert "posconv_involution.forward.default" in graphs["forward"]
+    assert "posconv_involution.backward.default" in graphs["backward"]
+
+
+@pytest.mark.slow
+def test_inductor_around_the_operator_at_three_sizes() -> None:
+    """A model compiled with Inductor (fullgraph), as the pipeline's evaluate uses it: 128 px, then 96 and
+    192 px (the sizes' own recompilation is Dynamo's; the operator takes any size)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Involution2d(3, 16, 3, padding=1), nn.ReLU(), CoordInvolution2d(16, 16, 3, padding=1)
+    )
+    model = model.to(memory_format=torch.channels_last)
+    compiled = torch.compile(model, fullgraph=True)
+    for size in (128, 96, 192):
+        x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
+        expected = _forward_and_grads(model, x, list(model.parameters()))
+        got = _forward_and_grads(compiled, x, list(model.parameters()))
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+
+
+# ---- the fallback: a subprocess without a compiler, or with acceleration off ----
+
+CHILD = """
+import sys, torch
+from posconv.layers import acceleration, involution
+from test_involution import VECTOR_GEOMETRIES, CoordInvolution2d, _forward_and_grads, _input, _layer
+involution._BUILD_TIMEOUT_S = float(sys.argv[2])
+geometry = VECTOR_GEOMETRIES[1]
+layer = _layer(geometry, CoordInvolution2d)
+x = _input(geometry).contiguous(memory_format=torch.channels_last)
+torch.save(_forward_and_grads(layer, x, list(layer.parameters())), sys.argv[1])
+layer(x)  # a second forward: still one warning
+print(acceleration.backends())
+"""
+
+
+def _child(tmp_path: Path, env: dict[str, str], timeout_s: float = 300) -> tuple[str, list[torch.Tensor]]:
+    """Run CHILD with `env` and an empty extension cache: (its stderr, its output and gradients)."""
+    script, results = tmp_path / "child.py", tmp_path / "results.pt"
+    script.write_text(CHILD)
+    paths = os.pathsep.join([str(SRC), str(Path(__file__).parent)])
+    env = {**os.environ, "PYTHONPATH": paths, "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), **env}
+    done = subprocess.run(
+        [sys.executable, str(script), str(results), str(timeout_s)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.strip() == "{'involution': 'eager'}"
+    return done.stderr, torch.load(results)
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"CXX": "/nonexistent/c++"}, "no C++ compiler ('/nonexistent/c++' not found; set CXX)"),
+        ({"CXX": "false"}, "its C++ operator did not build (exit status 1)"),
+        ({"POSCONV_ACCELERATE": "0"}, "POSCONV_ACCELERATE=0"),
+    ],
+    ids=["no-compiler", "failed-build", "switched-off"],
+)
+def test_without_the_operator_one_warning_and_the_same_numbers(
+    tmp_path: Path, env: dict[str, str], reason: str
+) -> None:
+    """One warning line, the eager backend recorded, and the compiled path's output and gradients."""
+    stderr, results = _child(tmp_path, env)
+    assert stderr.count("posconv: involution:") == 1
+    assert f"posconv: involution: {reason}; running its eager implementation" in stderr
+    geometry = VECTOR_GEOMETRIES[1]
+    layer = _layer(geometry, CoordInvolution2d)
+    x = _input(geometry).contiguous(memory_format=torch.channels_last)
+    for got, expected in zip(results, _forward_and_grads(layer, x, list(layer.parameters())), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        assert got.stride() == expected.stride()
+
+
+def test_a_stuck_compiler_is_killed_at_the_build_timeout(tmp_path: Path) -> None:
+    """A compiler that never returns (and a child of it holding its pipes): the build gives up at the
+    timeout, one warning line, the eager path."""
+    stuck = tmp_path / "stuck-c++"
+    stuck.write_text("#!/bin/sh\nsleep 300 &\nwait\n")
+    stuck.chmod(0o755)
+    stderr, _ = _child(tmp_path, {"CXX": str(stuck)}, timeout_s=2)
+    assert "posconv: involution: its C++ operator did not build within 2.0 s" in stderr
+
+
+BUILDER = """
+from posconv.layers import acceleration, involution
+print(involution.native_ready(), acceleration.backends())
+"""
+BARRIER = """#!/bin/sh
+touch "$BARRIER/$$"
+n=0
+while [ "$(ls "$BARRIER" | wc -l)" -lt 2 ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
+exec "$REAL_CXX" "$@"
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler here")
+def test_two_processes_building_at_once_each_load_a_whole_library(tmp_path: Path) -> None:
+    """Two processes (xdist workers, DVC queue workers) compile into one empty cache at the same time (a
+    compiler wrapper holds each until both have started): both run the operator, and the cache holds
+    one library and no partial file."""
+    (tmp_path / "barrier").mkdir()
+    wrapper = tmp_path / "c++"
+    wrapper.write_text(BARRIER)
+    wrapper.chmod(0o755)
+    (tmp_path / "builder.py").write_text(BUILDER)
+    env = {**os.environ, "PYTHONPATH": str(SRC), "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")}
+    env |= {
+        "CXX": str(wrapper),
+        "REAL_CXX": os.environ.get("CXX", "c++"),
+        "BARRIER": str(tmp_path / "barrier"),
+    }
+    command = [sys.executable, str(tmp_path / "builder.py")]
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    assert outputs == ["True {'involution': 'cpp'}\n"] * 2
+    assert len(list((tmp_path / "barrier").iterdir())) == 2  # both compiled
+    built = list((tmp_path / "cache" / "posconv_involution").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+
+
+# ---- under DistributedDataParallel ----
+
+RANKS = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from posconv.layers.involution import CoordInvolution2d, Involution2d
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    layers = [Involution2d(8, 16, 3, padding=1), nn.ReLU(), CoordInvolution2d(16, 16, 3, padding=1)]
+    return nn.Sequential(*layers).to(torch.float64, memory_format=torch.channels_last)
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 8, 6, 18, generator=generator, dtype=torch.float64)
+    weights = torch.randn(4, 16, 6, 18, generator=generator, dtype=torch.float64)
+    return x.contiguous(memory_format=torch.channels_last), weights
+
+
+def rank(index: int, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=index, world_size=2)
+    ddp = DistributedDataParallel(model())
+    x, weights = batch()
+    share = slice(2 * index, 2 * index + 2)
+    (ddp(x[share]) * weights[share]).sum().backward()  # DDP averages the 2 ranks' gradients
+    if index == 0:
+        torch.save([p.grad for p in ddp.module.parameters()], f"{folder}/grads.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(rank, args=(sys.argv[1],), nprocs=2)
+"""
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_get_the_gradients_of_the_whole_batch(tmp_path: Path) -> None:
+    """gloo DDP over the operator: the averaged gradients of two half batches are the whole batch's."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(tmp_path)])}
+    subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, check=True, timeout=300)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import ranks  # the script's own model and batch
+    finally:
+        sys.path.remove(str(tmp_path))
+    model = ranks.model()
+    x, weights = ranks.batch()
+    (model(x) * weights).sum().div(2).backward()  # the average of the two halves' sums
+    for got, expected in zip(
+        torch.load(tmp_path / "grads.pt"), [p.grad for p in model.parameters()], strict=True
+    ):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

@@ -9,7 +9,16 @@ from test_study import fake_study
 
 from posconv.compare import headline
 from posconv.config import load_params
-from posconv.reporting import fmt, judged, layer_cost_section, render, render_study, said_by, study_section
+from posconv.reporting import (
+    family_cost_section,
+    fmt,
+    judged,
+    layer_cost_section,
+    render,
+    render_study,
+    said_by,
+    study_section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("vanilla", "coordbias", "coordconv")
@@ -42,7 +51,22 @@ def fake_bench() -> dict:
          "coordbias_ratio": bias, "coordconv_ratio": conv, "coordbias_fused_ratio": 0.99}
         for layer, bias, conv in cases
     ]  # fmt: skip
-    return {"devices": {"cpu": "AMD EPYC"}, "batch": 16, "targets": {"cpu": 1.1}, "results": results}
+    families = [
+        {"format": "NHWC", "layer": layer, "ms": ms, "vanilla_ms": 40.0, "ratio": ms / 40.0, "target": target}
+        for layer, ms, target in (("involution", 14.0, 1.0), ("deform", 132.0, 4.0))
+    ]
+    family_layers = [{"layer": "encoder stack", "vanilla_ms": 50.0, "dss_ratio": 2.5, "local_ratio": 1.5}]
+    return {
+        "devices": {"cpu": "AMD EPYC"}, "batch": 16, "targets": {"cpu": 1.1}, "results": results,
+        "families": families, "family_layers": family_layers,
+    }  # fmt: skip
+
+
+def test_family_cost_shows_each_ratio_and_its_target() -> None:
+    section = family_cost_section(fake_bench())
+    assert table_row(section, "NHWC", "`deform`")[2:] == [fmt(132.0), fmt(40.0), fmt(3.3), fmt(4.0)]
+    assert table_row(section, "encoder stack") == ["encoder stack", fmt(50.0), fmt(2.5), fmt(1.5)]
+    assert "`dss`" in section and "`local`" in section
 
 
 def test_layer_cost_shows_the_stack_and_the_worst_single_layer() -> None:

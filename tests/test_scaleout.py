@@ -23,7 +23,7 @@ import sys
 from posconv.cli import run
 from posconv.tools.experiments import Experiment, run_queued
 
-grid = [Experiment(f"q-s{seed}", {"train.seed": seed}) for seed in (1, 2, 3)]
+grid = [Experiment(f"q-s{seed}", {"train.seed": seed}) for seed in (1, 2)]
 grid.append(Experiment("q-bad", {"train.lr": -1}))
 sys.argv = ["queue"]
 run(lambda argv: run_queued(grid, jobs=2))
@@ -32,15 +32,16 @@ run(lambda argv: run_queued(grid, jobs=2))
 
 def experiments(sh: Callable) -> dict[str, str]:
     """Name -> revision of the finished experiments `dvc exp show` lists (test_study tests `finished`)."""
-    return finished(json.loads(sh("dvc", "exp", "show", "--json", "--all-commits").stdout))
+    shown = finished(json.loads(sh("dvc", "exp", "show", "--json", "--all-commits").stdout))
+    return {name: done.revision for name, done in shown.items()}
 
 
 @pytest.mark.slow
 def test_a_grid_runs_on_the_queue_with_two_workers_and_a_failure_is_its_own_error(
     project: Path, sh: Callable
 ) -> None:
-    """3 experiments and a failing one, `dvc queue start -j 2`: the failure is reported with the stage's
-    own line, and the other three land and can be read back."""
+    """2 experiments and a failing one, `dvc queue start -j 2`: the failure is reported with the stage's
+    own line, and the other two land and can be read back."""
     result = sh("python", "-c", QUEUE_GRID, check=False)
     assert result.returncode == 2, result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -48,14 +49,14 @@ def test_a_grid_runs_on_the_queue_with_two_workers_and_a_failure_is_its_own_erro
         result.stderr
     )
     found = experiments(sh)
-    assert {"q-s1", "q-s2", "q-s3"} <= set(found) and "q-bad" not in found
+    assert {"q-s1", "q-s2"} <= set(found) and "q-bad" not in found
     recalls = set()
-    for name in ("q-s1", "q-s2", "q-s3"):
+    for name in ("q-s1", "q-s2"):
         params = yaml.safe_load(sh("git", "show", f"{found[name]}:params.yaml").stdout)
         assert params["train"]["seed"] == int(name[-1])
         scores = json.loads(sh("git", "show", f"{found[name]}:{evaluate_metrics('coordbias')}").stdout)
         recalls.add(tuple(scores["recall"]))
-    assert len(recalls) == 3  # three seeds, three different networks
+    assert len(recalls) == 2  # two seeds, two different networks
     status = sh("dvc", "queue", "status").stdout
     assert "Queued" not in status and "Running" not in status  # nothing left behind
 

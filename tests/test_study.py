@@ -16,6 +16,7 @@ from posconv.errors import BadInput
 from posconv.grid import (
     ALL,
     REPLICATES,
+    SCALE,
     SEEDS,
     T975,
     VARIANTS,
@@ -84,6 +85,7 @@ def test_experiments_are_named_and_set_params_as_dvc_expects() -> None:
     assert args[6:-1:2] == ["seed=2", "train.seed=2", "generate.size=64", "model.encoder_batchnorm=true"]
     assert experiments["study-families-s3"].queue_args()[-1] == "families/dvc.yaml:evaluate"
     assert Experiment("x", {"a": 1.5}, "train_vanilla").queue_args()[-3:] == ["-S", "a=1.5", "train_vanilla"]
+    assert f"generate.size={SCALE['generate.size']}" in grid(SCALE)[0].queue_args()  # the run step's grid
     names = [e.name for e in grid({})]  # variant by variant: the run-cache serves later variants
     assert names.index("study-baseline-s9") < names.index("study-per_input-s0")
 
@@ -238,9 +240,11 @@ def test_dvc_status_shows_the_study_and_the_benchmark_stale_when_their_inputs_ch
     params.write_text(original.replace("min_miou: 0.5", "min_miou: 0.6"))
     assert changed_stages(checkout) == set()  # the gate's thresholds are no input of either
     params.write_text(original)
-    with (checkout / "src/posconv/grid.py").open("a") as source:
-        source.write("# another grid\n")
+    grid = checkout / "src/posconv/grid.py"
+    grid_source = grid.read_text()
+    grid.write_text(grid_source + "# another grid\n")
     assert changed_stages(checkout) == {"study", "report"}  # the study's report renders the grid's rows
+    grid.write_text(grid_source)
     with (checkout / "src/posconv/layers/factory.py").open("a") as source:
         source.write("# another layer\n")
     assert changed_stages(checkout) == {"study", "bench_layers"}

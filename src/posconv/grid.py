@@ -69,7 +69,7 @@ VARIANTS = {
 }
 Arm = tuple[str, str]  # (variant, model)
 POSITION = ("position_recall", "steps_to_position_recall_0_9")  # what most questions are about
-SCALE = ("scale_error_",)  # every rescaling (a prefix: the quantities are named by factor)
+SCALE_ERRORS = ("scale_error_",)  # every rescaling (a prefix: the quantities are named by factor)
 
 
 class Comparison(NamedTuple):
@@ -105,9 +105,13 @@ COMPARISONS = [
     Comparison("Families: coorddeform vs deform", ("families", "coorddeform"), ("families", "deform")),
     # seed 004: DSS lowers the scale equivariance error (its authors' claim); bilinear lifting (DSS v2) is
     # worse; deformable DSS helps at small rescalings and hurts at large ones
-    Comparison("DSS: dss vs vanilla", ("families", "dss"), ("baseline", "vanilla"), SCALE),
-    Comparison("DSS v2: dss_bilinear vs dss", ("families", "dss_bilinear"), ("families", "dss"), SCALE),
-    Comparison("Deformable DSS: dss_deform vs dss", ("families", "dss_deform"), ("families", "dss"), SCALE),
+    Comparison("DSS: dss vs vanilla", ("families", "dss"), ("baseline", "vanilla"), SCALE_ERRORS),
+    Comparison(
+        "DSS v2: dss_bilinear vs dss", ("families", "dss_bilinear"), ("families", "dss"), SCALE_ERRORS
+    ),
+    Comparison(
+        "Deformable DSS: dss_deform vs dss", ("families", "dss_deform"), ("families", "dss"), SCALE_ERRORS
+    ),
     # seed 003's spatial-specific filter: every pixel its own weights
     Comparison("Spatial-specific filter: local vs vanilla", ("families", "local"), ("baseline", "vanilla")),
     Comparison(

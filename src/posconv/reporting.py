@@ -346,6 +346,29 @@ def layer_cost_section(bench: dict) -> str:
     return f"## Cost of the layers\n\n{intro}\n\n" + table(header, rows)
 
 
+def family_cost_section(bench: dict) -> str:
+    """The other families' speed, from the layer benchmark: the content-adaptive layers at 64->64
+    channels (the targets: involution at most 1x nn.Conv2d, deform at most 4x), then every layer of
+    families/dvc.yaml at the model's encoder shapes."""
+    at_64 = table(
+        ["memory", "layer", "ms", "nn.Conv2d ms", "x nn.Conv2d", "target"],
+        [[r["format"], f"`{r['layer']}`", r["ms"], r["vanilla_ms"], r["ratio"], r["target"]]
+         for r in bench["families"]],
+    )  # fmt: skip
+    layers = [key.removesuffix("_ratio") for key in bench["family_layers"][0] if key.endswith("_ratio")]
+    at_model = table(
+        ["case", "nn.Conv2d ms", *(f"`{layer}`" for layer in layers)],
+        [[r["layer"], r["vanilla_ms"], *(r[f"{layer}_ratio"] for layer in layers)]
+         for r in bench["family_layers"]],
+    )  # fmt: skip
+    return (
+        "## Cost of the other families\n\nForward+backward at 64->64 channels, 64x64, batch 8, float32, "
+        f"the fastest of 10 interleaved repetitions:\n\n{at_64}\n\nEvery layer of `families/dvc.yaml` over "
+        "`nn.Conv2d` at the model's encoder shapes (width 16, 128 px, batch 8, channels_last), the median of "
+        f"per-repetition ratios:\n\n{at_model}"
+    )
+
+
 def render(params: Params, summary: dict, evaluation: dict, training: dict, data: dict) -> str:
     """The card's report (`plots/report.md`): what `dvc repro` made, nothing that it did not."""
     figures = "\n\n".join(f"### {title}\n\n![{title}]({path})" for title, path in FIGURES.items())
@@ -374,6 +397,7 @@ def render_study(study: dict, bench: dict) -> str:
         "its stages and the CI gate fails; this page is re-made only when the study is re-run.",
         study_section(study),
         layer_cost_section(bench),
+        family_cost_section(bench),
     ]
     return "\n\n".join(sections) + "\n"
 

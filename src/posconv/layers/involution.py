@@ -47,14 +47,21 @@ layer starts as the Involution2d with the same weights and the same random draws
 
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
+import signal
+import subprocess
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posconv.layers import acceleration
 from posconv.layers.coords import check_convention, output_grid, pad_amounts, positioned
-from posconv.layers.position_term import add_position_term, is_channels_last
+from posconv.layers.position_term import is_channels_last
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 Pair = tuple[int, int]
@@ -136,16 +143,31 @@ def parameter_count(
 # ---- the operation ----
 
 
-def padded(
-    x: torch.Tensor, kernel_size: Pair, dilation: Pair, padding: Pair | str, padding_mode: str
-) -> torch.Tensor:
-    """x~: `x` padded as nn.Conv2d pads it ("same": the odd pixel at the end)."""
+def pad_sizes(kernel_size: Pair, dilation: Pair, padding: Pair | str) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right): how nn.Conv2d pads ("same": the odd pixel at the end)."""
     (top, bottom), (left, right) = (
         pad_amounts(padding if isinstance(padding, str) else padding[axis], kernel_size[axis], dilation[axis])
         for axis in (0, 1)
     )
-    if not (top or bottom or left or right):
+    return top, bottom, left, right
+
+
+def check_padding(size: Pair, sizes: tuple[int, int, int, int], padding_mode: str) -> None:
+    """Refuse what F.pad refuses: reflecting by the input's size or more, wrapping around more than once."""
+    too_large = {"reflect": lambda pad, n: pad >= n, "circular": lambda pad, n: pad > n}.get(padding_mode)
+    if too_large and any(too_large(pad, size[index // 2]) for index, pad in enumerate(sizes)):
+        rule = "smaller than" if padding_mode == "reflect" else "at most"
+        raise ValueError(
+            f"padding (top, bottom, left, right) = {sizes} with padding_mode = {padding_mode!r}: "
+            f"each must be {rule} the input's size, {size[0]} x {size[1]}"
+        )
+
+
+def padded(x: torch.Tensor, sizes: tuple[int, int, int, int], padding_mode: str) -> torch.Tensor:
+    """x~: `x` padded by `sizes` (top, bottom, left, right), in x's memory format."""
+    if not any(sizes):
         return x
+    top, bottom, left, right = sizes
     xp = F.pad(x, (left, right, top, bottom), mode="constant" if padding_mode == "zeros" else padding_mode)
     if is_channels_last(x) and not is_channels_last(xp):  # circular padding returns NCHW
         xp = xp.contiguous(memory_format=torch.channels_last)
@@ -261,7 +283,7 @@ def _prepare(
     )
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode = {padding_mode!r}: expected one of {', '.join(PADDING_MODES)}")
-    xp = padded(x, kernel_size, dilation, _padding(padding, stride), padding_mode)
+    xp = padded(x, pad_sizes(kernel_size, dilation, _padding(padding, stride)), padding_mode)
     out_size = output_size(tuple(xp.shape[-2:]), kernel_size, stride, dilation)
     taps = kernel_size[0] * kernel_size[1]
     groups = kernel.shape[1] // taps if kernel.dim() == 4 else 0
@@ -315,6 +337,239 @@ def _involution_unfold(
     return y if bias is None else y + bias[:, None, None]
 
 
+# ---- the generated involution: a compiled operator, and its eager formulation ----
+
+OP = "involution"  # its name in posconv.layers.acceleration
+_SOURCE = Path(__file__).with_suffix(".cpp")
+_BUILD_TIMEOUT_S = 300  # a first build takes ~30 s on 2 busy cores
+_native: bool | None = None  # whether the operator runs here; None until the first layer asks
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(output dtype, compute dtype): the output is what nn.Conv2d would return (under autocast the
+    autocast dtype); the generator and the aggregation compute in at least float32."""
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    if torch.is_autocast_enabled(x.device.type) and out_dtype != torch.float64:
+        out_dtype = torch.get_autocast_dtype(x.device.type)
+    return out_dtype, torch.promote_types(out_dtype, torch.float32)
+
+
+def _operator_geometry(layer: Involution2d, sizes: tuple[int, int, int, int]) -> list[int]:
+    """The operator's geometry: [kh, kw, sh, sw, dh, dw, G, top, bottom, left, right, padding mode]."""
+    mode = PADDING_MODES.index(layer.padding_mode)
+    return [*layer.kernel_size, *layer.stride, *layer.dilation, layer.groups, *sizes, mode]
+
+
+def _geometry_of(flat: list[int], x: torch.Tensor) -> tuple[Geometry, tuple[int, int, int, int], str]:
+    """The geometry (output size included), the padding sizes and mode that `flat` gives input `x`."""
+    kernel_size, stride, dilation = (flat[0], flat[1]), (flat[2], flat[3]), (flat[4], flat[5])
+    top, bottom, left, right = flat[7:11]
+    size = output_size(
+        (x.shape[-2] + top + bottom, x.shape[-1] + left + right), kernel_size, stride, dilation
+    )
+    return (kernel_size, stride, dilation, size), (top, bottom, left, right), PADDING_MODES[flat[11]]
+
+
+def _generated_eager(
+    x: torch.Tensor,
+    project: torch.Tensor | None,
+    wr: torch.Tensor,
+    br: torch.Tensor,
+    term: torch.Tensor | None,
+    ws: torch.Tensor,
+    bs: torch.Tensor,
+    bias: torch.Tensor | None,
+    flat: list[int],
+    channels_last: bool,
+) -> torch.Tensor:
+    """The operator's function in PyTorch ops: the projection and the generator's `wr`, `ws` as 1x1
+    convolutions, x~ by F.pad, kernels `ws @ relu(wr @ xbar + br + term) + bs`, aggregated by
+    `_ShiftedProducts`. All in one dtype, differentiable twice."""
+    x = x if project is None else F.conv2d(x, project[..., None, None])
+    geometry, sizes, padding_mode = _geometry_of(flat, x)
+    xp = padded(x, sizes, padding_mode)
+    features = F.conv2d(generator_input(xp, *geometry), wr[..., None, None], br)
+    features = features if term is None else features + term
+    kernel = F.conv2d(torch.relu(features), ws[..., None, None], bs)
+    return _ShiftedProducts.apply(xp, kernel, bias, geometry, channels_last)
+
+
+def _build_command(target: Path) -> list[str]:
+    """The compiler line for the operator library (`CXX`, else c++), torch's headers and libraries."""
+    from torch.utils import cpp_extension
+
+    libraries = cpp_extension.library_paths()
+    return [
+        os.environ.get("CXX", "c++"),
+        *("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20"),
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{path}" for path in cpp_extension.include_paths()),
+        str(_SOURCE),
+        "-o",
+        str(target),
+        *(f"-L{path}" for path in libraries),
+        *(f"-Wl,-rpath,{path}" for path in libraries),
+        *("-lc10", "-ltorch_cpu", "-ltorch"),
+    ]
+
+
+def _cpu() -> str:
+    """The CPU's model and flags: a library built with -march=native is only reused where they match."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
+def _library() -> Path:
+    """The operator library, built once per source, torch, compiler line and CPU, in torch's extension
+    cache ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions, as cpp_extension.load). The compiler
+    writes a private file renamed into place: processes that build at once each get a whole library, and
+    none waits on a lock that a killed build left behind (cpp_extension.load's FileBaton would)."""
+    from torch.utils import cpp_extension
+
+    key = "\n".join([_SOURCE.read_text(), torch.__version__, *_build_command(Path("out")), _cpu()])
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    folder = Path(root) / "posconv_involution"
+    library = folder / f"involution_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = library.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        _compile(_build_command(partial))
+        os.replace(partial, library)
+    finally:
+        partial.unlink(missing_ok=True)
+    return library
+
+
+def _compile(command: list[str]) -> None:
+    """Run the compiler, or raise; past _BUILD_TIMEOUT_S its whole process group is killed (the driver's
+    children too, which would otherwise hold its pipes open), so a stuck compiler cannot hang us."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            _, errors = process.communicate(timeout=_BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command, stderr=errors)
+
+
+def _why_not(error: Exception) -> str:
+    """The reason in the fallback's warning line."""
+    if isinstance(error, subprocess.CalledProcessError):
+        lines = (error.stderr or "").strip().splitlines()
+        first = next((line for line in lines if "error" in line), lines[-1] if lines else "")
+        return f"its C++ operator did not build ({first or f'exit status {error.returncode}'})"
+    if isinstance(error, subprocess.TimeoutExpired):
+        return f"its C++ operator did not build within {_BUILD_TIMEOUT_S} s"
+    if isinstance(error, FileNotFoundError) and error.filename == _build_command(Path())[0]:
+        return f"no C++ compiler ({error.filename!r} not found; set CXX)"
+    return f"its C++ operator is unavailable ({type(error).__name__}: {error})"
+
+
+def native_ready() -> bool:
+    """Whether the compiled operator runs in this process: built (or found built) and loaded at the first
+    call, else the one warning line and the eager formulation from then on. Recorded in `acceleration`."""
+    global _native
+    if _native is None:
+        if not acceleration.enabled():
+            acceleration.fall_back(OP, f"{acceleration.SWITCH}=0")
+            _native = False
+            return _native
+        try:
+            torch.ops.load_library(str(_library()))
+            _register_operator()
+            _native = True
+            acceleration.record(OP, "cpp")
+        except Exception as error:  # any failure to build or load means: run eagerly
+            acceleration.fall_back(OP, _why_not(error))
+            _native = False
+    return _native
+
+
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _register_operator() -> None:
+    """Shapes for tracing (torch.compile, fake tensors) and the autograd formula of the loaded operator."""
+    backward = torch.ops.posconv_involution.backward
+
+    def forward_shape(x: torch.Tensor, project: torch.Tensor | None, *rest: Any) -> torch.Tensor:
+        *_, flat, channels_last = rest
+        channels = x.shape[1] if project is None else project.shape[0]
+        size = _geometry_of(flat, x)[0][3]
+        return x.new_empty((x.shape[0], channels, *size)).contiguous(memory_format=_layout(channels_last))
+
+    def backward_shapes(grad: torch.Tensor, x: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, ...]:
+        project, wr, br, term, ws, bs, has_bias, _, _, input_grad = rest
+        empty = x.new_empty(0)
+        like = [empty if t is None else torch.empty_like(t) for t in (project, wr, br, None, ws, bs)]
+        like[3] = empty if term is None else x.new_empty((x.shape[0], *term.shape))
+        x_grad = torch.empty_like(x) if input_grad or project is None else empty
+        return x_grad, *like, x.new_empty(grad.shape[1]) if has_bias else empty
+
+    def save(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        *tensors, ctx.flat, ctx.channels_last = inputs
+        ctx.save_for_backward(*tensors)
+
+    def gradients(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, project, wr, br, term, ws, bs, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a differentiable backward, through the eager form
+            return _differentiable_gradients(ctx, grad)
+        grad = grad.contiguous(memory_format=_layout(ctx.channels_last))
+        input_grad = ctx.needs_input_grad[0]
+        arguments = (x, project, wr, br, term, ws, bs, bias is not None, ctx.flat, ctx.channels_last)
+        with torch.autocast(x.device.type, enabled=False):  # (a backward called under autocast)
+            gx, gproject, gwr, gbr, gterm, gws, gbs, gbias = backward(grad, *arguments, input_grad)
+        results = [gx if input_grad else None, gproject if project is not None else None, gwr, gbr]
+        results += [None if term is None else gterm.sum(0), gws, gbs, None if bias is None else gbias]
+        return (*results, None, None)
+
+    torch.library.register_fake("posconv_involution::forward")(forward_shape)
+    torch.library.register_fake("posconv_involution::backward")(backward_shapes)
+    torch.library.register_autograd("posconv_involution::forward", gradients, setup_context=save)
+
+
+def _differentiable_gradients(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The operator's gradients as a graph (double backward): the eager formulation recomputed."""
+    inputs = ctx.saved_tensors
+    wanted = [t is not None and needs for t, needs in zip(inputs, ctx.needs_input_grad, strict=False)]
+    with torch.enable_grad(), torch.autocast(grad.device.type, enabled=False):
+        y = _generated_eager(*inputs, ctx.flat, ctx.channels_last)
+    found = iter(
+        torch.autograd.grad(y, [t for t, w in zip(inputs, wanted, strict=True) if w], grad, create_graph=True)
+    )
+    return (*(next(found) if w else None for w in wanted), None, None)
+
+
+def _generated(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    term: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    flat: list[int],
+    channels_last: bool,
+) -> torch.Tensor:
+    """The generated involution of x (all in one dtype; weights: project or None, wr, br, ws, bs): the
+    compiled operator on CPU where it runs, else the eager formulation."""
+    project, wr, br, ws, bs = weights
+    if x.device.type == "cpu" and (_native if torch.compiler.is_compiling() else native_ready()):
+        x = x.contiguous(memory_format=_layout(channels_last))
+        operator = torch.ops.posconv_involution.forward
+        return operator(x, project, wr, br, term, ws, bs, bias, flat, channels_last)
+    if x.device.type != "cpu" and not torch.compiler.is_compiling():
+        acceleration.fall_back(OP, f"no compiled implementation on {x.device.type}")
+    return _generated_eager(x, project, wr, br, term, ws, bs, bias, flat, channels_last)
+
+
 # ---- the layers ----
 
 
@@ -364,6 +619,8 @@ class Involution2d(nn.Module):
         if not isinstance(bias, bool):
             raise TypeError(f"bias = {bias!r}: expected a bool")
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
+        if self.reduce.weight.device.type == "cpu":
+            native_ready()  # build the operator now, not while an outer torch.compile traces a forward
 
     def reset_parameters(self) -> None:
         """The 1x1 convolutions as nn.Conv2d initialises them; the output bias at zero."""
@@ -373,29 +630,26 @@ class Involution2d(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def generator_features(self, x: torch.Tensor, xp: torch.Tensor, out_size: Pair) -> torch.Tensor:
-        """`reduce(xbar)`, the kernel generator before its ReLU, from x and x~."""
-        centres = tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation, strict=True))
-        pads = [
-            pad_amounts(self._padding_on(axis), self.kernel_size[axis], self.dilation[axis])
-            for axis in (0, 1)
-        ]
-        if self.stride == (1, 1) and centres == (pads[0][0], pads[1][0]) and out_size == tuple(x.shape[-2:]):
-            return self.reduce(x)  # "same" padding at stride 1: xbar is x itself, not a strided view of x~
-        return self.reduce(generator_input(xp, self.kernel_size, self.stride, self.dilation, out_size))
-
-    def _padding_on(self, axis: int) -> int | str:
-        return self.padding if isinstance(self.padding, str) else self.padding[axis]
+    def generator_term(self, x: torch.Tensor, out_size: Pair) -> torch.Tensor | None:
+        """What the generator adds to `reduce(xbar)` before its ReLU, (R, H_out, W_out): nothing here."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels_last = is_channels_last(x)  # the output's format is the input's, whatever the projection's
-        if self.project is not None:
-            x = self.project(x)
-        xp = padded(x, self.kernel_size, self.dilation, self.padding, self.padding_mode)
-        out_size = output_size(tuple(xp.shape[-2:]), self.kernel_size, self.stride, self.dilation)
-        kernel = self.span(torch.relu(self.generator_features(x, xp, out_size)))
-        geometry = (self.kernel_size, self.stride, self.dilation, out_size)
-        return _aggregate(xp, kernel, self.bias, geometry, channels_last)
+        channels_last = is_channels_last(x)
+        out_dtype, dtype = _compute_dtype(x, self.reduce.weight)
+        sizes = pad_sizes(self.kernel_size, self.dilation, self.padding)
+        check_padding((x.shape[-2], x.shape[-1]), sizes, self.padding_mode)
+        flat = _operator_geometry(self, sizes)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            out_size = _geometry_of(flat, x)[0][3]
+            project, reduce, span = self.project, self.reduce, self.span
+            weights = (reduce.weight.flatten(1), reduce.bias, span.weight.flatten(1), span.bias)
+            project_weight = None if project is None else project.weight.flatten(1).to(dtype).contiguous()
+            weights = (project_weight, *(w.to(dtype).contiguous() for w in weights))
+            bias = None if self.bias is None else self.bias.to(dtype)
+            y = _generated(x, weights, self.generator_term(x, out_size), bias, flat, channels_last)
+        return y.to(out_dtype)
 
     def extra_repr(self) -> str:
         text = (
@@ -422,15 +676,12 @@ class CoordInvolution2d(Involution2d):
         super().reset_parameters()
         nn.init.zeros_(self.coord_weight)
 
-    def generator_features(self, x: torch.Tensor, xp: torch.Tensor, out_size: Pair) -> torch.Tensor:
-        """`reduce(xbar) + coord_weight @ (X, Y)`, the coordinates of the output pixels (kernel centres)."""
-        features = super().generator_features(x, xp, out_size)
-        dtype = torch.promote_types(features.dtype, self.coord_weight.dtype)  # autocast: the term in fp32
+    def generator_term(self, x: torch.Tensor, out_size: Pair) -> torch.Tensor:
+        """`coord_weight @ (X, Y)` of the output pixels (kernel centres), (R, H_out, W_out), in x's dtype."""
         geometry = (self.kernel_size, self.stride, self.dilation, self.padding)
-        in_size = (x.shape[-2], x.shape[-1])
-        grid = output_grid(in_size, out_size, *geometry, self.coords, x.device, dtype)
+        grid = output_grid((x.shape[-2], x.shape[-1]), out_size, *geometry, self.coords, x.device, x.dtype)
         basis = positioned(grid.flatten(1), self.coords)
-        return add_position_term(features, self.coord_weight.to(dtype), basis)
+        return (self.coord_weight.to(x.dtype) @ basis).view(-1, *out_size)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, coords={self.coords}"

@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
-from posconv.layers.coords import centre_coords, pad_amounts
+from posconv.layers.coords import centre_coords
 from posconv.layers.involution import (
     PADDING_MODES,
     Pair,
@@ -60,6 +60,7 @@ from posconv.layers.involution import (
     _positive_int,
     _taps,
     output_size,
+    pad_sizes,
     padded,
 )
 from posconv.layers.position_term import is_channels_last
@@ -205,14 +206,13 @@ class LocalConv2d(LazyModuleMixin, nn.Module):
 
     # ---- laziness ----
 
+    def _pad_sizes(self) -> tuple[int, int, int, int]:
+        return pad_sizes(self.kernel_size, self.dilation, self.padding)
+
     def _output_size(self, in_size: Pair) -> Pair:
-        padded_size = []
-        for axis in (0, 1):
-            padding = self.padding if isinstance(self.padding, str) else self.padding[axis]
-            padded_size.append(
-                in_size[axis] + sum(pad_amounts(padding, self.kernel_size[axis], self.dilation[axis]))
-            )
-        return output_size(tuple(padded_size), self.kernel_size, self.stride, self.dilation)
+        top, bottom, left, right = self._pad_sizes()
+        padded_size = (in_size[0] + top + bottom, in_size[1] + left + right)
+        return output_size(padded_size, self.kernel_size, self.stride, self.dilation)
 
     def initialize_parameters(self, x: torch.Tensor) -> None:  # type: ignore[override]
         """At the first forward: the field on this input's output grid, drawn as nn.Conv2d draws."""
@@ -275,7 +275,7 @@ class LocalConv2d(LazyModuleMixin, nn.Module):
         return weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xp = padded(x, self.kernel_size, self.dilation, self.padding, self.padding_mode)
+        xp = padded(x, self._pad_sizes(), self.padding_mode)
         out = output_size(tuple(xp.shape[-2:]), self.kernel_size, self.stride, self.dilation)
         weight, bias = self.field((x.shape[-2], x.shape[-1]), out)
         out_dtype = torch.promote_types(x.dtype, weight.dtype)

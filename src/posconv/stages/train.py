@@ -36,7 +36,7 @@ from posconv.engine import (
     train,
 )
 from posconv.io import atomic_outputs, remove_stale_temporaries
-from posconv.layers import fused
+from posconv.layers import acceleration, fused
 from posconv.model import FCN, ModelSpec, count_parameters, materialize, model_bytes
 from posconv.stages import run_stage
 
@@ -88,6 +88,7 @@ def summary(
         "device": str(device),
         "precision": precision,
         "processes": processes,
+        "backends": acceleration.backends(),  # op -> what ran it ("cpp", or "eager" after a fallback)
     }
 
 

@@ -1,7 +1,7 @@
 """Benchmarks that print ratios measured within one run.
 
-`python -m posconv.tools.bench {layers,generate,train,families}`; `layers` is the `bench_layers` stage of
-`study/dvc.yaml` and writes `metrics/bench_layers.json`, which the report reads.
+`python -m posconv.tools.bench {layers,generate,train,families,involution}`; `layers` is the `bench_layers`
+stage of `study/dvc.yaml` and writes `metrics/bench_layers.json`, which the report reads.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from posconv import distributed
-from posconv.cli import parser, run
+from posconv.cli import parser
 from posconv.config import TrainParams, load_params
 from posconv.data import write_scenes
 from posconv.distributed import World
@@ -54,13 +54,16 @@ from posconv.registry import (
     BASELINE,
     BENCH_LAYERS,
     CONTENT_ADAPTIVE,
+    COORD_INVOLUTION,
     DEFORM,
+    FAMILIES,
     INVOLUTION,
     LAYERS,
     N_CLASSES,
     VANILLA,
 )
 from posconv.scenes import draw_scenes, image_stream
+from posconv.stages import run_stage
 from posconv.stages.train import LiveLog
 
 # ---- layers ----
@@ -177,7 +180,7 @@ def _cpu_name() -> str:
 
 def bench_layers(args: argparse.Namespace) -> None:
     """Forward+backward time of coordbias and coordconv over nn.Conv2d's at the encoder's shapes."""
-    widths, size, batch, budget_s = ((4,), 16, 2, 0.1) if args.quick else ((32, 64), 128, 16, 4.0)
+    widths, size, batch, budget_s = ((4,), 16, 2, 0.1) if args.quick else ((32, 64), 128, 16, 2.0)
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     header = dict(device="dev", dtype="dtype", format="mem", width="w", layer="layer", reps="reps")
     header |= dict(vanilla_ms="conv2d ms")
@@ -197,14 +200,67 @@ def bench_layers(args: argparse.Namespace) -> None:
             worst = max(row[f"{name}_ratio"] for name in _AWARE)  # the default (plain) path
             rows.append(row | {"meets_target": worst <= _LAYER_TARGETS[device]})
             print(_layer_line(row), flush=True)
+    families, new_layers = _family_ratios(args.quick), _family_layer_rows(args.quick, budget_s)
     names = {"cpu": _cpu_name()}
     names |= {"cuda": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
     summary = {"torch": torch.__version__, "threads": torch.get_num_threads(), "devices": names}
     summary |= {"load_average_1min": {"start": load_before, "end": os.getloadavg()[0]}}
     summary |= {"batch": batch, "quick": args.quick, "targets": _LAYER_TARGETS, "results": rows}
+    summary |= {"families": families, "family_layers": new_layers}
     if not args.quick:  # a smoke test's toy sizes must not replace the committed measurement
         write_json(Path(BENCH_LAYERS), summary)
     print(f"{sum(row['meets_target'] for row in rows)}/{len(rows)} cases within target {_LAYER_TARGETS}")
+
+
+_FAMILY_TARGETS = {INVOLUTION: 1.0, DEFORM: 4.0}  # fwd+bwd / nn.Conv2d's at 64->64, 64 px, batch 8, fp32
+
+
+def _family_ratios(quick: bool) -> list[dict[str, Any]]:
+    """The content-adaptive layers against nn.Conv2d at 64->64 channels, 64x64, batch 8, float32, in both
+    memory formats: the fastest of 10 interleaved repetitions each (other jobs only ever add time)."""
+    channels, size, batch, reps = (4, 8, 2, 2) if quick else (64, 64, 8, 10)
+    rows = []
+    for memory_format, name in _FORMAT_NAMES.items():
+        steps = _family_steps(channels, size, batch, memory_format)
+        times = _time_interleaved({layer: steps[layer] for layer in _FAMILY_LAYERS}, reps)
+        fastest = {layer: min(seconds) for layer, seconds in times.items()}
+        for layer in CONTENT_ADAPTIVE:
+            ratio, target = fastest[layer] / fastest[VANILLA], _FAMILY_TARGETS.get(layer)
+            rows.append({
+                "format": name, "layer": layer, "ms": round(1e3 * fastest[layer], 3),
+                "vanilla_ms": round(1e3 * fastest[VANILLA], 3), "ratio": round(ratio, 3), "target": target,
+                "meets_target": None if target is None else ratio <= target,
+            })  # fmt: skip
+            print(f"{name} {layer:<16} {ratio:6.2f}x nn.Conv2d (64->64, 64 px, batch 8)", flush=True)
+    return rows
+
+
+def _built(build: Callable[[str], nn.Module], layer: str, x: torch.Tensor) -> nn.Module:
+    """The layer, its lazy parameters laid out for `x` (the spatial-specific filter's depend on the size)."""
+    module = build(layer)
+    with torch.no_grad():
+        module(x.detach())
+    return module.to(memory_format=torch.channels_last)
+
+
+def _family_layer_rows(quick: bool, budget_s: float) -> list[dict[str, Any]]:
+    """Every layer of families/dvc.yaml against nn.Conv2d at the model's encoder shapes (width 16, 128 px,
+    batch 8, channels_last float32): the median of per-repetition ratios, interleaved."""
+    width, size, batch = (4, 16, 2) if quick else (16, 128, 8)
+    rows = []
+    for case, build, shape, needs_grad in _layer_cases(width, size, batch):
+        x = torch.rand(shape).contiguous(memory_format=torch.channels_last).requires_grad_(needs_grad)
+        modules = {layer: (_built(build, layer, x), False) for layer in (VANILLA, *FAMILIES)}
+        times = _time_layers(modules, x, budget_s)
+        row: dict[str, Any] = {"layer": case, "reps": len(times[VANILLA])}
+        row["vanilla_ms"] = round(1e3 * statistics.median(times[VANILLA]), 3)
+        for layer in FAMILIES:
+            ratios = [t / t0 for t, t0 in zip(times[layer], times[VANILLA], strict=True)]
+            row[f"{layer}_ratio"] = round(statistics.median(ratios), 3)
+        rows.append(row)
+        ratios = " ".join(f"{layer} {row[f'{layer}_ratio']:.2f}x" for layer in FAMILIES)
+        print(f"{case:<15}{ratios}", flush=True)
+    return rows
 
 
 # ---- generate ----
@@ -428,6 +484,7 @@ def bench_train(args: argparse.Namespace) -> None:
 # ---- families ----
 
 _FAMILY_LAYERS = (VANILLA, *CONTENT_ADAPTIVE)
+_STATISTICS = {"median": statistics.median, "min": min}  # min: the least disturbed by other jobs
 
 
 def _saved_mib(step: Callable[[], torch.Tensor]) -> float:
@@ -490,14 +547,16 @@ def _family_steps(channels: int, size: int, batch: int, memory_format: torch.mem
 def bench_families(args: argparse.Namespace) -> None:
     """Involution and deformable convolution: forward+backward time and saved memory against nn.Conv2d,
     and their fast formulations against the textbook unfold ones, measured in one run."""
-    channels, size, batch, reps = (4, 8, 2, 2) if args.quick else (16, 64, 8, 20)
+    channels, size, batch, reps = (4, 8, 2, 2) if args.quick else (args.channels, 64, 8, args.reps)
+    statistic = _STATISTICS[args.statistic]
     print(
-        f"{channels}->{channels} channels, {size}x{size}, batch {batch}, 3x3, float32, {reps} reps (median)"
+        f"{channels}->{channels} channels, {size}x{size}, batch {batch}, 3x3, float32, "
+        f"{torch.get_num_threads()} threads, {reps} reps ({args.statistic})"
     )
     print(f"{'mem':<5}{'case':<24}{'ms':>9}{'x conv2d':>10}{'x unfold':>10}{'saved MiB':>10}")
     for memory_format in (torch.contiguous_format, torch.channels_last):
         steps = _family_steps(channels, size, batch, memory_format)
-        times = {name: statistics.median(seconds) for name, seconds in _time_interleaved(steps, reps).items()}
+        times = {name: statistic(seconds) for name, seconds in _time_interleaved(steps, reps).items()}
         for name, seconds in times.items():
             unfold = times.get(f"{name}, unfold")
             print(
@@ -507,11 +566,50 @@ def bench_families(args: argparse.Namespace) -> None:
             )
 
 
+# ---- involution ----
+
+_INVOLUTION_TARGET = 1.0  # fwd+bwd time of the involution layer (generator included) / nn.Conv2d's
+_INVOLUTION_LAYERS = (VANILLA, INVOLUTION, COORD_INVOLUTION)
+
+
+def _involution_cases(quick: bool) -> list[tuple[str, Callable[[str], nn.Module], tuple, bool]]:
+    """The square case (64 -> 64 channels, 64 px), then the model's encoder (width 16, 128 px), batch 8."""
+    if quick:
+        return list(_layer_cases(4, 16, 2))[1:2]
+    square = partial(make_conv, in_channels=64, out_channels=64, kernel_size=3, padding=1)
+    return [("64->64 @64", square, (8, 64, 64, 64), True), *_layer_cases(16, 128, 8)]
+
+
+def bench_involution(args: argparse.Namespace) -> None:
+    """Forward+backward of involution and coordinvolution (the kernel generator included) over
+    nn.Conv2d's, float32 channels_last (the model's layout), interleaved in one run: the ratio of the
+    fastest repetitions (other processes only ever add time) and the median of the per-repetition ratios."""
+    reps = 2 if args.quick else args.reps
+    if reps < 1:
+        raise BadInput(f"--reps {reps}: expected at least 1 repetition")
+    print(f"float32 channels_last, {torch.get_num_threads()} threads, {reps} reps; ratio: min (median)")
+    print(f"{'case':<16}{'conv2d ms':>10}" + "".join(f"{name:>22}" for name in _INVOLUTION_LAYERS[1:]))
+    for label, build, shape, needs_grad in _involution_cases(args.quick):
+        torch.manual_seed(0)
+        layers = {name: build(name).to(memory_format=torch.channels_last) for name in _INVOLUTION_LAYERS}
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(needs_grad)
+        times = _time_interleaved({name: partial(layer, x) for name, layer in layers.items()}, reps)
+        base = times[VANILLA]
+        cells = []
+        for name in _INVOLUTION_LAYERS[1:]:
+            fastest = min(times[name]) / min(base)
+            median = statistics.median(t / t0 for t, t0 in zip(times[name], base, strict=True))
+            cells.append(f"{1e3 * min(times[name]):>8.2f} ms {fastest:.2f}x ({median:.2f}x)")
+        print(f"{label:<16}{1e3 * min(base):>10.2f}" + "".join(f"{cell:>22}" for cell in cells), flush=True)
+    print(f"target: involution / conv2d <= {_INVOLUTION_TARGET}")
+
+
 BENCHMARKS = {
     "layers": bench_layers,
     "generate": bench_generate,
     "train": bench_train,
     "families": bench_families,
+    "involution": bench_involution,
 }
 
 
@@ -519,9 +617,13 @@ def main(argv: list[str]) -> None:
     arguments = parser(__name__, __doc__)
     arguments.add_argument("which", choices=BENCHMARKS)
     arguments.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    arguments.add_argument("--reps", type=int, default=20, help="timed repetitions (families, involution)")
+    families = arguments.add_argument_group("families")
+    families.add_argument("--channels", type=int, default=16, help="in and out channels (the model's: 16)")
+    families.add_argument("--statistic", choices=tuple(_STATISTICS), default="median")
     args = arguments.parse_args(argv)
     BENCHMARKS[args.which](args)
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)  # under DVC, a failed or stopped run puts back the outputs DVC removed

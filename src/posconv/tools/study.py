@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from posconv.cli import parser, positive_int, run
+from posconv.cli import parser, positive_int
 from posconv.config import load_params
 from posconv.errors import BadInput
 from posconv.grid import (
@@ -30,6 +30,7 @@ from posconv.grid import (
 )  # fmt: skip
 from posconv.io import read_json, write_json
 from posconv.registry import STUDY, TOLERANCES, model_metrics
+from posconv.stages import run_stage
 from posconv.tools.experiments import (
     Experiment,
     finished,
@@ -146,4 +147,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)  # under DVC, a failed or stopped run puts back the outputs DVC removed
