@@ -567,11 +567,12 @@ def test_repro_then_an_experiment_reruns_only_its_task(project: Path, sh: Callab
         read(project, "metrics/coordinates/regression_quadrant.json")["arms"]["coordbias"]["runs"][0]["steps"]
         == steps
     )
-    # back to the committed params: DVC's run-cache serves every stage, nothing is trained again; the
-    # page (a plain output, as the other reports) is rendered again
+    # back to the committed params: DVC's run-cache serves every stage, nothing is trained again;
+    # check_params (which reads the whole params.yaml) checks them again, and the page (a plain output,
+    # as the other reports) is rendered again
     sh("git", "checkout", "--", "params.yaml")
     back = sh("dvc", "repro", "coordinates/dvc.yaml").stdout
-    assert re.findall(r"Running stage '([\w/.:@]+)'", back) == ["coordinates/dvc.yaml:report"]
+    assert re.findall(r"Running stage '([\w/.:@]+)'", back) == ["check_params", "coordinates/dvc.yaml:report"]
     assert back.count("skipping run") == 3  # train@2, train@3, compare
     assert (
         read(project, "metrics/coordinates/regression_quadrant.json")["arms"]["coordbias"]["runs"][0]["steps"]

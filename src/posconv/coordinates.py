@@ -434,7 +434,7 @@ class Schedule:
     batch_size: int
     lr: float
     eval_every: int  # steps between test evaluations (when a threshold was first reached)
-    eval_batch: int = 256
+    eval_batch: int = 32  # 2-5x faster a pass than 256 on a 2-core CPU (measured: cache-resident)
 
 
 @dataclass
@@ -477,7 +477,7 @@ def train_run(
 ) -> Run:
     """Train `arm`'s network on `train` with Adam from seed `seed` (initial draws and batch order), scoring
     it on `test` at the end, and every `eval_every` steps while a threshold of the paper's is unreached
-    (evaluating costs ~30 training steps here: the curve stops where it has nothing left to time)."""
+    (evaluating costs ~15 training steps here: the curve stops where it has nothing left to time)."""
     torch.manual_seed(seed)
     model = build_network(task, arm, sizes)
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr)
