@@ -203,7 +203,8 @@ def test_class4_no_pipeline_interpolates_a_param_into_its_command() -> None:
     for path in ROOT.glob("**/dvc.yaml"):
         for name, stage in yaml.safe_load(path.read_text())["stages"].items():
             command = stage.get("do", stage)["cmd"]
-            assert re.findall(r"\$\{([^}]*)\}", command) in ([], ["item"]), (path, name, command)
+            references = re.findall(r"\$\{([^}]*)\}", command)  # ${item} or ${item.field}, nothing else
+            assert all(re.fullmatch(r"item(\.\w+)?", ref) for ref in references), (path, name, command)
 
 
 def test_class4_shell_metacharacters_in_a_param_run_nothing_and_change_nothing(reproduced: Path) -> None:

@@ -236,6 +236,9 @@ def check_outputs(project: Path, layer: str) -> None:
 
 @pytest.mark.slow
 def test_repro_then_experiment_then_compare(project: Path, sh: Callable) -> None:
+    sh(
+        "git", "rm", "-q", "coordinates/dvc.yaml"
+    )  # the card and families/ (tests/test_coordinates.py: its own)
     assert ran_stages(sh("dvc", "repro").stdout) == {"check_params", *STAGES}  # the card, not families/
     check_outputs(project, "coordbias")
     families = sh("dvc", "repro", "families/dvc.yaml").stdout  # its data stages are the card's, done

@@ -70,7 +70,9 @@ def test_experiments_and_models_travel_through_a_git_remote_and_a_dvc_remote(
     subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
     sh("git", "remote", "add", "origin", str(origin))
     sh("dvc", "remote", "add", "-f", "-d", "storage", str(storage))
-    sh("git", "rm", "-q", "families/dvc.yaml")  # the card's pipeline alone (test_pipeline runs both):
+    sh(
+        "git", "rm", "-q", "families/dvc.yaml", "coordinates/dvc.yaml"
+    )  # the card's pipeline alone (test_pipeline runs both):
     sh("dvc", "repro")  # `dvc exp apply` checks out the outputs of every pipeline, so each must have run
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "trained, with a DVC remote")
@@ -106,7 +108,9 @@ def test_a_clone_elsewhere_gets_the_models_from_the_repository_and_the_same_data
     """`make bundle` then `make models`: the trained models travel inside the repository (its DVC remote
     `bundled/`, committed to git), and the data, whose bytes do not depend on the machine, regenerates
     to the hashes the lock records: the clone is up to date without training."""
-    sh("git", "rm", "-q", "families/dvc.yaml")  # the card's pipeline alone, to keep the test short
+    sh(
+        "git", "rm", "-q", "families/dvc.yaml", "coordinates/dvc.yaml"
+    )  # the card's pipeline alone, to keep the test short
     sh("dvc", "repro")
     card = "MODEL_STAGES=train_vanilla train_coordbias train_coordconv"  # families/dvc.yaml is not here
     sh(

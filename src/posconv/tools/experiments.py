@@ -54,8 +54,18 @@ class Experiment:
         return [*command, self.target]
 
 
+def _run_dvc(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`dvc args`, output captured; one line if no `dvc` is on PATH (the stages' `python` is PATH's too)."""
+    try:
+        return subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
+    except FileNotFoundError:
+        raise BadInput(
+            "dvc: not found on PATH (activate the project's environment: . .venv/bin/activate)"
+        ) from None
+
+
 def _dvc(*args: str, env: Mapping[str, str] | None = None) -> str:
-    result = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
+    result = _run_dvc(*args, env=env)
     if result.returncode:
         last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
         raise BadInput(f"dvc {' '.join(args[:3])} failed: {last}")
@@ -100,7 +110,7 @@ def _start_workers(jobs: int) -> None:
 
 
 def _logs(name: str) -> str:
-    return subprocess.run(["dvc", "queue", "logs", name], capture_output=True, text=True).stdout
+    return _run_dvc("queue", "logs", name).stdout
 
 
 def _own_error(name: str) -> str | None:
@@ -165,7 +175,7 @@ def machine_cpu_seconds() -> float:
 
 def stop_queue() -> None:
     """Kill the queue's running experiments and its workers (an interrupted grid leaves nothing running)."""
-    subprocess.run(["dvc", "queue", "stop", "--kill"], capture_output=True)
+    _run_dvc("queue", "stop", "--kill")
 
 
 def show_all() -> list[dict]:
