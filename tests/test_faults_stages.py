@@ -309,7 +309,13 @@ def test_a_killed_stage_leaves_the_old_outputs_and_the_next_run_cleans_up(
             assert after[path] == sha, path
 
 
-def test_collecting_a_study_with_no_experiments_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [(None, "no finished experiment"), ("/nonexistent", "dvc: not found on PATH (activate")],
+)
+def test_collecting_a_study_with_no_experiments_or_no_dvc_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str | None, message: str
+) -> None:
     for command in (
         ["init", "-q"],
         ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c", "--allow-empty"],
@@ -317,7 +323,9 @@ def test_collecting_a_study_with_no_experiments_is_one_line(tmp_path: Path) -> N
         subprocess.run(["git", *command], cwd=tmp_path, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
     shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    assert_contract(run(tmp_path, "posconv.tools.study", "collect"), 2, "no finished experiment")
+    if path:
+        monkeypatch.setenv("PATH", path)  # no dvc to run (the tool runs it as the stages run python)
+    assert_contract(run(tmp_path, "posconv.tools.study", "collect"), 2, message)
     assert not (tmp_path / "metrics").exists()
 
 

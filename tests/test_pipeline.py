@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, runner
 
 from posconv.engine import resolve_precision
 from posconv.model import spec_fields
@@ -235,12 +235,17 @@ def check_outputs(project: Path, layer: str) -> None:
 
 
 @pytest.mark.slow
-def test_repro_then_experiment_then_compare(project: Path, sh: Callable) -> None:
-    sh(
-        "git", "rm", "-q", "coordinates/dvc.yaml"
-    )  # the card and families/ (tests/test_coordinates.py: its own)
-    assert ran_stages(sh("dvc", "repro").stdout) == {"check_params", *STAGES}  # the card, not families/
-    check_outputs(project, "coordbias")
+def test_dvc_repro_runs_the_card_and_nothing_else(reproduced_template: Path) -> None:
+    """The shared tiny project (tests/conftest.py) was made by `dvc repro` from scratch: what it ran."""
+    ran = ran_stages((reproduced_template.parent / "repro.out").read_text())
+    assert ran == {"check_params", *STAGES}  # the card: neither families/ nor coordinates/
+    check_outputs(reproduced_template, "coordbias")
+
+
+@pytest.mark.slow
+def test_families_then_each_param_invalidates_exactly_the_stages_that_read_it(reproduced: Path) -> None:
+    project, sh = reproduced, runner(reproduced)
+    sh("git", "rm", "-rq", "coordinates")  # tests/test_coordinates.py runs it
     families = sh("dvc", "repro", "families/dvc.yaml").stdout  # its data stages are the card's, done
     assert set(re.findall(r"Running stage 'families/dvc.yaml:([\w@]+)'", families)) == {
         *FAMILY_TRAINS,
@@ -265,6 +270,11 @@ def test_repro_then_experiment_then_compare(project: Path, sh: Callable) -> None
     assert stages_changed_by(project, sh, "model", "coords_per_input", True) == {"train_coordbias", "report"}
     assert stages_changed_by(project, sh, "families", "placement", "all") == family
 
+
+@pytest.mark.slow
+def test_an_experiment_then_show_plots_remote_and_the_gate(reproduced: Path) -> None:
+    project, sh = reproduced, runner(reproduced)
+    sh("git", "rm", "-rq", "families", "coordinates")  # the card's pipeline alone (their locks too)
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "tiny results")
     ran = ran_stages(sh("dvc", "exp", "run", "-S", "layer=coordconv").stdout)
