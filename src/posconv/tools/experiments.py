@@ -9,8 +9,11 @@ The queue's known problems, and what happens to each here:
   anything that did not finish and left no error of its own is queued again, up to `RETRIES` times;
 - parallel workers share the repo's lock and its git refs: the same retry covers a run that failed on
   them; -j 2 is tested, and workers get `cores // jobs` threads each so that they do not oversubscribe;
-- an experiment that fails on its own (a stage's `error:` line in `dvc queue logs`) is not retried: it
-  is reported with that line, while the others still land;
+- an experiment that fails on its own (a stage's `error:` line in `dvc queue logs`, or DVC's line for a
+  stage that exited 1, a traceback) is not retried: it is reported with that line, while the others
+  still land; any other failure (a command not found, a killed stage, the repo's lock) is retried;
+- a retry clears the queue, and with it the logs of the experiments that finished: what each of them
+  ran and what the run-cache served is read from its log as soon as it finishes;
 - names are unique per baseline commit: an older experiment of the same name is removed before the
   grid is queued (`dvc exp remove`), and only experiments that finished after the grid started count.
   Not `--force`: DVC passes it on as `reproduce(force=True)`, which runs every stage again even where
@@ -113,9 +116,14 @@ def _logs(name: str) -> str:
     return _run_dvc("queue", "logs", name).stdout
 
 
+OWN_ERROR = re.compile(r"error: .*|ERROR: failed to reproduce .* exited with 1")
+
+
 def _own_error(name: str) -> str | None:
-    """The experiment's own one-line error (a stage's `error: ...`), from `dvc queue logs`."""
-    return next((line for line in _logs(name).splitlines() if line.startswith("error: ")), None)
+    """The experiment's own one-line error from `dvc queue logs`: a stage's `error: ...`, else DVC's
+    line for a stage that exited 1 (a traceback)."""
+    lines = [line for line in _logs(name).splitlines() if OWN_ERROR.fullmatch(line)]
+    return next((line for line in lines if line.startswith("error: ")), lines[0] if lines else None)
 
 
 def stages_run(name: str) -> dict[str, list[str]]:
@@ -135,11 +143,12 @@ def _remove_older(names: list[str]) -> None:
         _dvc("exp", "remove", *older)
 
 
-def run_queued(grid: list[Experiment], jobs: int) -> None:
-    """Run `grid` on DVC's queue with `jobs` workers; BadInput names every experiment that failed, with
-    its own error, after the others have landed."""
+def run_queued(grid: list[Experiment], jobs: int) -> dict[str, dict[str, list[str]]]:
+    """Run `grid` on DVC's queue with `jobs` workers: the stages each experiment ran and those the
+    run-cache served (`stages_run`); BadInput names every experiment that failed, with its own error,
+    after the others have landed."""
     started = datetime.datetime.now().replace(microsecond=0)
-    pending, failures = list(grid), {}
+    pending, failures, stages = list(grid), {}, {}
     for attempt in range(RETRIES + 1):
         _dvc("queue", "remove", "--queued", "--failed", "--success")
         _remove_older([e.name for e in pending])
@@ -151,6 +160,7 @@ def run_queued(grid: list[Experiment], jobs: int) -> None:
         _start_workers(jobs)
         _wait_for_workers([e.name for e in pending], jobs)
         done = finished(show_all(), since=started)
+        stages |= {e.name: stages_run(e.name) for e in pending if e.name in done}  # before a retry
         unfinished = [e for e in pending if e.name not in done]
         errors = {e.name: _own_error(e.name) for e in unfinished}
         failures |= {name: error for name, error in errors.items() if error}
@@ -164,6 +174,7 @@ def run_queued(grid: list[Experiment], jobs: int) -> None:
     if failures:
         lines = [f"experiment {name} failed: {error}" for name, error in sorted(failures.items())]
         raise BadInput("; ".join(lines))
+    return stages
 
 
 def machine_cpu_seconds() -> float:

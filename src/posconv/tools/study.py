@@ -67,11 +67,11 @@ def run_grid(scale: dict, jobs: int) -> dict:
     measures the grid's wall time itself even if the tool was stopped while the workers went on."""
     write_json(STARTED, {"started": time.time(), "cpu_s": machine_cpu_seconds(), "jobs": jobs})
     try:
-        run_queued(grid(scale), jobs)
+        stages = run_queued(grid(scale), jobs)
     except KeyboardInterrupt:
         stop_queue()
         raise
-    return measured_cost(time.time(), machine_cpu_seconds())
+    return measured_cost(time.time(), machine_cpu_seconds()) | reuse(list(stages.values()))
 
 
 def measured_cost(finished_at: float, cpu_now: float | None) -> dict:
@@ -89,10 +89,9 @@ def read_metrics(revision: str, models: tuple[str, ...]) -> dict[str, dict]:
     return read_files(revision, [path for model in models for path in model_metrics(model)])
 
 
-def reuse(names: list[str]) -> dict:
-    """Trainings the experiments ran and those DVC's run-cache served, from the queue's logs (None where
-    the queue no longer holds an experiment's log)."""
-    stages = [stages_run(name) for name in names]
+def reuse(stages: list[dict[str, list[str]]]) -> dict:
+    """Trainings the experiments ran and those DVC's run-cache served, from their `stages_run` (None where
+    the queue no longer held an experiment's log)."""
     if not all(s["ran"] or s["served"] for s in stages):
         return {"trainings_run": None, "trainings_served_by_run_cache": None}
     count = {key: sum(sum("train" in stage for stage in s[key]) for s in stages) for key in ("ran", "served")}
@@ -111,8 +110,8 @@ def collect(cost: dict | None) -> None:
             f"{len(names)}): run python -m posconv.tools.study run"
         )
     if cost is None:
-        cost = measured_cost(max(revisions[name].at for name in names).timestamp(), None)
-    cost |= reuse(list(names))
+        last = max(revisions[name].at for name in names).timestamp()
+        cost = measured_cost(last, None) | reuse([stages_run(name) for name in names])
     evaluate = load_params().evaluate.model_copy(update={"sizes": SCALE["evaluate.sizes"]})
     readers = quantities(evaluate.sizes, evaluate.shifts, evaluate.scales)
     metrics = {
