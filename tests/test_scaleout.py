@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from posconv.registry import model_path, train_metrics
+from posconv.tools import experiments as queue
 from posconv.tools.experiments import finished
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +71,30 @@ def test_a_grid_runs_on_the_queue_with_two_workers_and_a_failure_is_its_own_erro
     assert all("train_coordbias" in stages[name]["ran"] for name in ("q-s1", "q-s2")), stages
     logs = sh("dvc", "queue", "logs", "q-s1", check=False)
     assert "Running stage" not in logs.stdout + logs.stderr  # the log is gone
+
+
+def queue_status(busy: int, idle: int, **states: str) -> str:
+    """`dvc queue status` as DVC 3 prints it."""
+    rows = [f"{index:07x}  {name}   01:58 PM   {state}" for index, (name, state) in enumerate(states.items())]
+    workers = f"Worker status: {busy} active, {idle} idle"
+    return "\n".join(["Task     Name    Created    Status", *rows, "", workers])
+
+
+def test_workers_are_topped_up_when_one_dies_while_tasks_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One of two workers dies (the file-system broker's JSONDecodeError) with a task queued: after
+    `STALL_POLLS` polls the missing worker is started again; a worker between two tasks is not missing."""
+    polls = [
+        queue_status(1, 1, a="Running", b="Queued"),  # one busy, one idle: both there
+        *[queue_status(1, 0, a="Running", b="Queued")] * queue.STALL_POLLS,  # one died
+        queue_status(2, 0, a="Running", b="Running"),
+        queue_status(0, 2, a="Success", b="Success"),
+    ]
+    started: list[int] = []
+    monkeypatch.setattr(queue, "POLL_S", 0)
+    monkeypatch.setattr(queue, "_dvc", lambda *args, env=None: polls.pop(0))
+    monkeypatch.setattr(queue, "_start_workers", started.append)
+    queue._wait_for_workers(["a", "b"], jobs=2)
+    assert started == [2] and not polls
 
 
 def test_experiments_and_models_travel_through_a_git_remote_and_a_dvc_remote(

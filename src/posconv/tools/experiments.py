@@ -7,6 +7,8 @@ its own temporary workspace); the names then come back from `dvc exp show --json
 The queue's known problems, and what happens to each here:
 - a task can be lost (a worker that shuts down as it takes a task leaves it "Running" with no worker):
   anything that did not finish and left no error of its own is queued again, up to `RETRIES` times;
+- a worker can die or leave while tasks wait (`_wait_for_workers`): the missing workers are started
+  again, so a grid keeps its `jobs` workers to the end;
 - parallel workers share the repo's lock and its git refs: the same retry covers a run that failed on
   them; -j 2 is tested, and workers get `cores // jobs` threads each so that they do not oversubscribe;
 - an experiment that fails on its own (a stage's `error:` line in `dvc queue logs`, or DVC's line for a
@@ -75,35 +77,38 @@ def _dvc(*args: str, env: Mapping[str, str] | None = None) -> str:
     return result.stdout
 
 
-def queue_state() -> tuple[dict[str, list[str]], int]:
-    """Status of each queued name (oldest first) and the number of active workers, from
+def queue_state() -> tuple[dict[str, list[str]], int, int]:
+    """Status of each queued name (oldest first), and the numbers of busy and of running workers, from
     `dvc queue status` (it has no JSON output)."""
     states: dict[str, list[str]] = {}
-    active = 0
+    busy = running = 0
     for line in _dvc("queue", "status").splitlines():
         words = line.split()
-        if line.startswith("Worker status:"):
-            active = int(words[2])
+        if line.startswith("Worker status:"):  # "Worker status: 1 active, 1 idle"
+            busy, running = int(words[2]), int(words[2]) + int(words[4])
         elif len(words) >= 4 and words[0] != "Task":
             states.setdefault(words[1], []).append(words[-1])
-    return states, active
+    return states, busy, running
 
 
 def _wait_for_workers(names: list[str], jobs: int) -> None:
-    """Until no worker is active and none of `names` is still waiting to start; workers are started
-    again when tasks wait with none active for `STALL_POLLS` polls (they exit when they see an empty
-    queue, and can race a task queued as they do)."""
-    idle_polls = 0
+    """Until no worker is busy and none of `names` is still waiting to start. Workers are topped up to
+    `jobs` when tasks wait with fewer running for `STALL_POLLS` polls: they exit when they see an empty
+    queue (and can race a task queued as they do), and a worker dies when it reads a message file of
+    the queue's file-system broker that the other worker is still writing (kombu: "Unrecoverable
+    error: JSONDecodeError"); `dvc queue start -j N` starts only the missing ones."""
+    stalled_polls = 0
     while True:
         time.sleep(POLL_S)
-        states, active = queue_state()
+        states, busy, running = queue_state()
         waiting = any(states.get(name, [])[-1:] == ["Queued"] for name in names)
-        if not active and not waiting:
+        if not busy and not waiting:
             return
-        idle_polls = idle_polls + 1 if waiting and not active else 0
-        if idle_polls == STALL_POLLS:
+        stalled_polls = stalled_polls + 1 if waiting and running < jobs else 0
+        if stalled_polls == STALL_POLLS:
+            logger.warning("%d of %d queue workers running, tasks waiting: starting more", running, jobs)
             _start_workers(jobs)
-            idle_polls = 0
+            stalled_polls = 0
 
 
 def _start_workers(jobs: int) -> None:
