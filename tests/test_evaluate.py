@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
+from warm import run_module
 
 from posconv.model import FCN, ModelSpec, save_model
 from posconv.scenes import draw_scenes
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "posconv.stages.evaluate", *args], capture_output=True, text=True
-    )
+    """`python -m posconv.stages.evaluate args`, a process of its own (`warm`)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return run_module(Path.cwd(), "posconv.stages.evaluate", *args, env=env)
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from warm import run_module
 
 Edit = Callable[[Path], None]
 
@@ -27,11 +27,10 @@ def digest(directory: Path) -> dict[str, str]:
     }
 
 
-def run(directory: Path, *command: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT / "src")}  # this checkout's code
-    return subprocess.run(
-        [sys.executable, "-m", *command], cwd=directory, env=env, capture_output=True, text=True, timeout=300
-    )
+def run(directory: Path, module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m module args` in `directory`, this checkout's code: a process of its own (`warm`)."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT / "src")}
+    return run_module(directory, module, *args, env=env)
 
 
 def replace_in(path: str, old: str, new: str) -> Edit:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import runner
 
 from posconv.registry import model_path, train_metrics
 from posconv.tools import experiments as queue
-from posconv.tools.experiments import finished
+from posconv.tools.experiments import OWN_ERROR, finished
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,19 +98,36 @@ def test_workers_are_topped_up_when_one_dies_while_tasks_wait(monkeypatch: pytes
     assert started == [2] and not polls
 
 
+FAILED_RUN = "ERROR: failed to reproduce 'train_coordbias': failed to run: python -m posconv.stages.train"
+
+
+@pytest.mark.parametrize(
+    ("line", "own"),
+    [
+        ("error: train.lr = -1: expected a value > 0.0", True),  # a stage's bad input
+        (f"{FAILED_RUN} coordbias, exited with 1", True),  # a traceback: run again, it fails again
+        (f"{FAILED_RUN} coordbias, exited with 127", False),  # no python on the worker's PATH
+        (f"{FAILED_RUN} coordbias, exited with -9", False),  # killed
+        ("ERROR: Unable to acquire lock. Most likely another DVC process is running", False),
+    ],
+)
+def test_an_experiments_own_failures_are_told_from_the_machines(line: str, own: bool) -> None:
+    """An experiment's own failure is reported, not retried; any other is retried."""
+    assert bool(OWN_ERROR.fullmatch(line)) == own
+
+
 def test_experiments_and_models_travel_through_a_git_remote_and_a_dvc_remote(
-    project: Path, sh: Callable, tmp_path_factory: pytest.TempPathFactory
+    reproduced: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """The multi-machine recipe of the README: one clone runs and pushes, a fresh clone pulls."""
+    project, sh = reproduced, runner(reproduced)
     shared = tmp_path_factory.mktemp("shared")
     origin, storage = shared / "origin.git", shared / "storage"
     subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
     sh("git", "remote", "add", "origin", str(origin))
     sh("dvc", "remote", "add", "-f", "-d", "storage", str(storage))
-    sh(
-        "git", "rm", "-q", "families/dvc.yaml", "coordinates/dvc.yaml"
-    )  # the card's pipeline alone (test_pipeline runs both):
-    sh("dvc", "repro")  # `dvc exp apply` checks out the outputs of every pipeline, so each must have run
+    # the card's pipeline alone, run (`dvc exp apply` checks out the outputs of every pipeline)
+    sh("git", "rm", "-q", "families/dvc.yaml", "coordinates/dvc.yaml")
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "trained, with a DVC remote")
     sh("git", "push", "-q", "origin", "HEAD:main")
@@ -139,15 +157,13 @@ def test_experiments_and_models_travel_through_a_git_remote_and_a_dvc_remote(
 
 
 def test_a_clone_elsewhere_gets_the_models_from_the_repository_and_the_same_data_by_regenerating(
-    project: Path, sh: Callable, tmp_path_factory: pytest.TempPathFactory
+    reproduced: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """`make bundle` then `make models`: the trained models travel inside the repository (its DVC remote
     `bundled/`, committed to git), and the data, whose bytes do not depend on the machine, regenerates
     to the hashes the lock records: the clone is up to date without training."""
-    sh(
-        "git", "rm", "-q", "families/dvc.yaml", "coordinates/dvc.yaml"
-    )  # the card's pipeline alone, to keep the test short
-    sh("dvc", "repro")
+    project, sh = reproduced, runner(reproduced)
+    sh("git", "rm", "-q", "families/dvc.yaml", "coordinates/dvc.yaml")  # the card's pipeline alone, run
     card = "MODEL_STAGES=train_vanilla train_coordbias train_coordconv"  # families/dvc.yaml is not here
     sh(
         "make",

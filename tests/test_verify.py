@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from warm import run_module
 
 from posconv.registry import evaluate_metrics
 
@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def verify(checkout: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DVC_NO_ANALYTICS": "1"}
-    command = [sys.executable, "-m", "posconv.tools.verify", *args]
-    return subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, timeout=120)
+    return run_module(checkout, "posconv.tools.verify", *args, env=env, timeout=120)
 
 
 def edit_json(path: Path, change: dict) -> None:

@@ -1,0 +1,95 @@
+"""`python -m module args` as a real child process whose imports are already paid for.
+
+The contract tests run a stage or tool some 150 times to see its exit code, its one line on stderr and
+the files it leaves; a fresh interpreter spends ~2.5 s of each run importing torch, matplotlib and DVC
+before the stage reads its first input. One server per test process imports those once, then forks a
+child per command: each child is a process of its own (its own exit status, stdout, stderr, cwd and
+environment; nothing of one command reaches the next), runs the module as `python -m` does (`runpy`,
+the cwd first on sys.path, atexit handlers at the end), and only the imports come from the server.
+Commands whose environments differ in what Python or torch read as they start (a source tree, an
+instruction set, a thread count) get servers of their own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+STARTUP_VARIABLES = ("PYTHON", "PYTORCH", "TORCH", "ATEN_", "OMP_", "MKL", "KMP_", "DNNL_", "ONEDNN_", "LD_")
+PRELOAD = ("torch", "numpy", "posconv.figures", "posconv.engine", "posconv.compare", "dvc.repo")
+
+SERVER = r"""
+import atexit, json, os, runpy, signal, sys, traceback
+
+for name in sys.argv[1:]:
+    __import__(name)
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid:
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+        continue
+    code = 0
+    try:
+        signal.alarm(request["timeout"])  # past it, SIGALRM ends the child
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = ["-m", *request["args"]]
+        sys.path.insert(0, os.getcwd())
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+        if not isinstance(exit.code, int | None):
+            print(exit.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+"""
+
+_servers: dict[tuple[tuple[str, str], ...], subprocess.Popen] = {}
+
+
+def _server(env: Mapping[str, str]) -> subprocess.Popen:
+    """The running server for `env`'s start-up variables, started now if there is none."""
+    key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(STARTUP_VARIABLES)))
+    if key not in _servers or _servers[key].poll() is not None:
+        command = [sys.executable, "-c", SERVER, *PRELOAD]
+        _servers[key] = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        )
+        atexit.register(_servers[key].kill)
+    return _servers[key]
+
+
+def run_module(
+    cwd: Path, module: str, *args: str, env: Mapping[str, str], timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python -m module args` in `cwd` with `env`, as a forked child of the warm server."""
+    server = _server(env)
+    with tempfile.TemporaryDirectory() as directory:
+        out, err = Path(directory, "stdout"), Path(directory, "stderr")
+        request = {
+            "cwd": str(cwd), "env": dict(env), "module": module, "args": list(args), "timeout": timeout,
+            "stdout": str(out), "stderr": str(err),
+        }  # fmt: skip
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        reply = server.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"the warm server ended (exit {server.wait()})")
+        return subprocess.CompletedProcess(
+            [module, *args], int(reply), out.read_text(errors="replace"), err.read_text(errors="replace")
+        )
