@@ -31,6 +31,12 @@ TINY = {  # a pipeline that runs in seconds on a CPU
 }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first: with work stealing, both workers then end on short tests together instead
+    of one waiting for the other's last long one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def deep_update(data: dict, changes: dict) -> dict:
     for key, value in changes.items():
         data[key] = deep_update(data[key], value) if isinstance(value, dict) else value

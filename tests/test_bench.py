@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 from posconv.config import load_params
@@ -17,6 +18,7 @@ from posconv.tools.bench import flops_per_image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_layer_benchmark_prints_a_ratio_per_layer_and_keeps_committed_results(
     project: Path, sh: Callable
 ) -> None:
@@ -30,6 +32,7 @@ def test_layer_benchmark_prints_a_ratio_per_layer_and_keeps_committed_results(
     assert (project / "metrics/bench_layers.json").read_bytes() == committed
 
 
+@pytest.mark.slow
 def test_generate_and_train_benchmarks_print_their_rates(sh: Callable) -> None:
     generate = sh("python", "-m", "posconv.tools.bench", "generate", "--quick").stdout
     assert float(re.search(r"(\d+) images/s", generate).group(1)) > 0
@@ -58,6 +61,7 @@ def test_flops_per_image_count_every_convolution_whatever_path_the_layers_take()
     assert vanilla < coordbias < 1.1 * vanilla
 
 
+@pytest.mark.slow
 def test_families_benchmark_times_each_layer_and_both_formulations(sh: Callable) -> None:
     output = sh("python", "-m", "posconv.tools.bench", "families", "--quick").stdout
     for memory_format in ("NCHW", "NHWC"):
@@ -73,6 +77,7 @@ def test_families_benchmark_times_each_layer_and_both_formulations(sh: Callable)
         assert rows["vanilla"][1] == "1.00x"
 
 
+@pytest.mark.slow
 def test_involution_benchmark_times_both_layers_against_conv2d(sh: Callable) -> None:
     lines = sh("python", "-m", "posconv.tools.bench", "involution", "--quick").stdout.splitlines()
     assert lines[0].startswith("float32 channels_last") and "2 reps" in lines[0]

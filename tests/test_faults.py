@@ -201,7 +201,6 @@ GATE_CASES = [  # (case, edit of the committed project, exit code, fragment of t
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("case", "edit", "code", "fragment"), GATE_CASES, ids=[c[0] for c in GATE_CASES])
 def test_the_gate_judges_and_never_crashes(
     checkout: Path, case: str, edit: Edit, code: int, fragment: str

@@ -119,7 +119,6 @@ PARAM_CASES = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("key", "raw", "fragment"), PARAM_CASES, ids=[f"{c[0]}={c[1]}" for c in PARAM_CASES])
 @pytest.mark.parametrize("stage", ["generate", "split"])
 def test_bad_params_stop_a_stage_in_one_line(
@@ -212,7 +211,6 @@ INPUT_CASES = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "edit", "command", "fragment"), INPUT_CASES, ids=[c[0] for c in INPUT_CASES]
 )

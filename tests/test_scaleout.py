@@ -116,6 +116,7 @@ def test_an_experiments_own_failures_are_told_from_the_machines(line: str, own: 
     assert bool(OWN_ERROR.fullmatch(line)) == own
 
 
+@pytest.mark.slow
 def test_experiments_and_models_travel_through_a_git_remote_and_a_dvc_remote(
     reproduced: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -156,6 +157,7 @@ def test_experiments_and_models_travel_through_a_git_remote_and_a_dvc_remote(
     assert (clone / model).read_bytes() != (project / model).read_bytes()  # seed 1, not seed 0
 
 
+@pytest.mark.slow
 def test_a_clone_elsewhere_gets_the_models_from_the_repository_and_the_same_data_by_regenerating(
     reproduced: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
