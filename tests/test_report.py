@@ -163,3 +163,11 @@ def test_every_model_of_the_study_has_a_row() -> None:
     section = study_section(fake_study())
     for name in ("baseline/vanilla", "baseline/coordbias", "per_input/coordbias", "families/coorddeform"):
         assert f"| `{name}` |" in section
+
+
+def test_the_study_says_how_many_trainings_the_run_cache_served() -> None:
+    study = fake_study()
+    study["cost"] |= {"trainings_run": 150, "trainings_served_by_run_cache": 20}
+    assert "DVC's run-cache served 20 of its 170 trainings" in study_section(study)
+    study["cost"] |= {"trainings_run": None, "trainings_served_by_run_cache": None}
+    assert "the trainings DVC's run-cache served were not counted" in study_section(study)

@@ -282,6 +282,14 @@ def agreement(study: dict) -> str:
     return "### Against the seed study, point by point\n\n" + "\n".join(f"- {p}" for p in points)
 
 
+def run_cache_reuse(cost: dict) -> str:
+    """How many of the grid's trainings DVC's run-cache served instead of running them."""
+    served, ran = cost.get("trainings_served_by_run_cache"), cost.get("trainings_run")
+    if served is None or ran is None:
+        return "the trainings DVC's run-cache served were not counted"
+    return f"DVC's run-cache served {served} of its {served + ran} trainings (another experiment ran them)"
+
+
 def study_section(study: dict) -> str:
     """The study: the rule, the answers, every model in one table, every comparison."""
     by_question: dict[str, dict[str, dict]] = {}
@@ -298,7 +306,8 @@ def study_section(study: dict) -> str:
         f"{sum(seeds.values())} experiments ({grid}; data and training seed together) as DVC experiments "
         f"on DVC's queue (`{command}`) at a reduced scale: {scale}; the content-adaptive families at "
         f"`families.placement` of params.yaml. Total cost: {fmt(wall)} s wall "
-        f"({(wall or 0) / 60:.1f} min), {fmt(cost.get('cpu_s'))} s CPU of the machine."
+        f"({(wall or 0) / 60:.1f} min), {fmt(cost.get('cpu_s'))} s CPU of the machine; "
+        f"{run_cache_reuse(cost)}."
     )
     sections = [
         intro, RULE, BATCHNORM_ARGUMENT, answers, agreement(study),
