@@ -28,8 +28,10 @@ from posconv.tools.experiments import Experiment, run_queued
 def two_grids(argv):
     grid = [Experiment(f"q-s{seed}", {"train.seed": seed}, "train_coordbias") for seed in (1, 2)]
     stages = run_queued(grid, jobs=2)
+    grid = [Experiment("q-bad", {"train.lr": -1}, "train_coordbias")]
+    grid.append(Experiment("q-s3", {"train.seed": 3}, "train_coordbias"))  # lands beside the failure
     try:  # a second grid clears the queue's logs first, as a retry does
-        run_queued([Experiment("q-bad", {"train.lr": -1}, "train_coordbias")], jobs=2)
+        run_queued(grid, jobs=2)
     finally:
         print(json.dumps(stages))
 
@@ -48,9 +50,9 @@ def experiments(sh: Callable) -> dict[str, str]:
 def test_a_grid_runs_on_the_queue_with_two_workers_and_a_failure_is_its_own_error(
     project: Path, sh: Callable
 ) -> None:
-    """2 experiments, `dvc queue start -j 2`, then a failing one: the failure is reported with the stage's
-    own line, the other two land and can be read back, and what they ran was read before the second
-    grid cleared their logs."""
+    """2 experiments, `dvc queue start -j 2`, then a failing one beside a good one: the failure is
+    reported with the stage's own line, the others land and can be read back, and what the first two ran
+    was read before the second grid cleared their logs."""
     result = sh("python", "-c", QUEUE_GRID, check=False)
     assert result.returncode == 2, result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -58,7 +60,7 @@ def test_a_grid_runs_on_the_queue_with_two_workers_and_a_failure_is_its_own_erro
         result.stderr
     )
     found = experiments(sh)
-    assert {"q-s1", "q-s2"} <= set(found) and "q-bad" not in found
+    assert {"q-s1", "q-s2", "q-s3"} <= set(found) and "q-bad" not in found  # its neighbour landed
     losses = set()
     for name in ("q-s1", "q-s2"):
         params = yaml.safe_load(sh("git", "show", f"{found[name]}:params.yaml").stdout)

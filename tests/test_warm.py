@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from warm import run_module
 
@@ -34,7 +37,23 @@ def test_each_command_is_a_process_of_its_own(tmp_path: Path) -> None:
     assert len({seen["pid"], again["pid"], os.getpid()}) == 3
 
 
-def test_a_crash_is_a_traceback_and_exit_1_as_in_a_fresh_interpreter(tmp_path: Path) -> None:
-    (tmp_path / "crash.py").write_text("raise ValueError('boom')\n")
-    result = run_module(tmp_path, "crash", env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert result.returncode == 1 and "Traceback" in result.stderr and "ValueError: boom" in result.stderr
+ENDINGS = {
+    "exit code": "import sys; sys.exit(3)",
+    "exit message": "import sys; sys.exit('a message')",
+    "traceback": "raise ValueError('boom')",
+    "interrupt": "raise KeyboardInterrupt",
+    "thread and atexit": "import atexit, threading, time; atexit.register(print, 'atexit')\n"
+    "threading.Thread(target=lambda: (time.sleep(0.2), print('thread', flush=True))).start()",
+}
+
+
+@pytest.mark.parametrize("source", ENDINGS.values(), ids=list(ENDINGS))
+def test_a_child_ends_as_a_fresh_interpreter_does(tmp_path: Path, source: str) -> None:
+    """Exit code, stdout and the last line of stderr, against `python -m` itself."""
+    (tmp_path / "ending.py").write_text(source + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-m", "ending"]
+    fresh = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    warm = run_module(tmp_path, "ending", env=env)
+    assert (warm.returncode, warm.stdout) == (fresh.returncode, fresh.stdout)
+    assert warm.stderr.splitlines()[-1:] == fresh.stderr.splitlines()[-1:]

@@ -5,7 +5,7 @@ the files it leaves; a fresh interpreter spends ~2.5 s of each run importing tor
 before the stage reads its first input. One server per test process imports those once, then forks a
 child per command: each child is a process of its own (its own exit status, stdout, stderr, cwd and
 environment; nothing of one command reaches the next), runs the module as `python -m` does (`runpy`,
-the cwd first on sys.path, atexit handlers at the end), and only the imports come from the server.
+the cwd first on sys.path) and is ended by Python itself; only the imports come from the server.
 Commands whose environments differ in what Python or torch read as they start (a source tree, an
 instruction set, a thread count) get servers of their own.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import select
 import subprocess
 import sys
 import tempfile
@@ -24,54 +25,61 @@ STARTUP_VARIABLES = ("PYTHON", "PYTORCH", "TORCH", "ATEN_", "OMP_", "MKL", "KMP_
 PRELOAD = ("torch", "numpy", "posconv.figures", "posconv.engine", "posconv.compare", "dvc.repo")
 
 SERVER = r"""
-import atexit, json, os, runpy, signal, sys, traceback
+import json, os, runpy, signal, sys
 
 for name in sys.argv[1:]:
     __import__(name)
+print("ready", flush=True)
 for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()
-    if pid:
-        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
-        continue
-    code = 0
-    try:
-        signal.alarm(request["timeout"])  # past it, SIGALRM ends the child
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv = ["-m", *request["args"]]
-        sys.path.insert(0, os.getcwd())
-        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
-        if not isinstance(exit.code, int | None):
-            print(exit.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    if pid == 0:
+        break
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+else:
+    sys.exit()  # the test process has ended
+# the child, from here on `python -m module args`: Python itself ends it (atexit, threads, exit code)
+signal.alarm(request["timeout"])  # past it, SIGALRM ends the child
+os.chdir(request["cwd"])
+os.environ.clear()
+os.environ.update(request["env"])
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+sys.argv = ["-m", *request["args"]]
+sys.path.insert(0, os.getcwd())
+runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
 """
 
 _servers: dict[tuple[tuple[str, str], ...], subprocess.Popen] = {}
 
 
 def _server(env: Mapping[str, str]) -> subprocess.Popen:
-    """The running server for `env`'s start-up variables, started now if there is none."""
+    """The running server for `env`'s start-up variables, started now if there is none. Whatever its
+    imports print is an error: a fresh interpreter would print it into every command's output."""
     key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(STARTUP_VARIABLES)))
     if key not in _servers or _servers[key].poll() is not None:
         command = [sys.executable, "-c", SERVER, *PRELOAD]
-        _servers[key] = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
-        )
-        atexit.register(_servers[key].kill)
+        with tempfile.TemporaryFile("w+") as printed:
+            server = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=printed, env=env, text=True
+            )
+            atexit.register(server.kill)
+            ready = _reply(server, 120)
+            printed.seek(0)
+            if ready != "ready\n" or (output := printed.read()):
+                server.kill()
+                raise RuntimeError(f"the warm server's imports printed: {ready}{output}")
+        _servers[key] = server
     return _servers[key]
+
+
+def _reply(server: subprocess.Popen, timeout: float) -> str:
+    """The server's next line; it is killed if none comes within `timeout` seconds."""
+    if not select.select([server.stdout], [], [], timeout)[0]:
+        server.kill()
+        raise RuntimeError(f"the warm server gave no answer in {timeout} s")
+    return server.stdout.readline()
 
 
 def run_module(
@@ -87,7 +95,7 @@ def run_module(
         }  # fmt: skip
         server.stdin.write(json.dumps(request) + "\n")
         server.stdin.flush()
-        reply = server.stdout.readline()
+        reply = _reply(server, timeout + 30)
         if not reply:
             raise RuntimeError(f"the warm server ended (exit {server.wait()})")
         return subprocess.CompletedProcess(
