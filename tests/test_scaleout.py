@@ -100,6 +100,20 @@ def test_workers_are_topped_up_when_one_dies_while_tasks_wait(monkeypatch: pytes
     assert started == [2] and not polls
 
 
+def test_control_messages_left_for_gone_workers_are_dropped_and_tasks_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inbox = tmp_path / queue.BROKER_INBOX
+    inbox.mkdir(parents=True)
+    stale = inbox / "44564072_e9ae7116.dvc-exp-cde9b5-2@localhost.celery.pidbox.msg"  # as DVC 3 names them
+    task = inbox / "45605613_5b6dc2b3.celery.msg"
+    for message in (stale, task):
+        message.write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    queue._drop_stale_control_messages()
+    assert not stale.exists() and task.exists()
+
+
 FAILED_RUN = "ERROR: failed to reproduce 'train_coordbias': failed to run: python -m posconv.stages.train"
 
 

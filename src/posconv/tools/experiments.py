@@ -8,7 +8,8 @@ The queue's known problems, and what happens to each here:
 - a task can be lost (a worker that shuts down as it takes a task leaves it "Running" with no worker):
   anything that did not finish and left no error of its own is queued again, up to `RETRIES` times;
 - a worker can die or leave while tasks wait (`_wait_for_workers`): the missing workers are started
-  again, so a grid keeps its `jobs` workers to the end;
+  again, so a grid keeps its `jobs` workers to the end; control messages left for workers that are
+  gone are dropped first (`_drop_stale_control_messages`), or a new worker obeys an old shutdown;
 - parallel workers share the repo's lock and its git refs: the same retry covers a run that failed on
   them; -j 2 is tested, and workers get `cores // jobs` threads each so that they do not oversubscribe;
 - an experiment that fails on its own (a stage's `error:` line in `dvc queue logs`, or DVC's line for a
@@ -31,6 +32,7 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 RETRIES = 2
 POLL_S = 2.0
 STALL_POLLS = 5
+BROKER_INBOX = Path(".dvc/tmp/exps/celery/broker/in")  # DVC 3's queue broker, from the repository root
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,19 @@ class Experiment:
 
 
 def _run_dvc(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`dvc args`, output captured; one line if no `dvc` is on PATH (the stages' `python` is PATH's too)."""
-    try:
-        return subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
-    except FileNotFoundError:
-        raise BadInput(
-            "dvc: not found on PATH (activate the project's environment: . .venv/bin/activate)"
-        ) from None
+    """`dvc args`, output captured; one line if no `dvc` is on PATH (the stages' `python` is PATH's too).
+    Captured in files, not pipes: `dvc queue start` leaves its workers running with its stdout and
+    stderr, and a pipe would keep the caller waiting for them to exit (the whole grid)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        try:
+            returncode = subprocess.run(["dvc", *args], stdout=out, stderr=err, env=env).returncode
+        except FileNotFoundError:
+            raise BadInput(
+                "dvc: not found on PATH (activate the project's environment: . .venv/bin/activate)"
+            ) from None
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(["dvc", *args], returncode, out.read(), err.read())
 
 
 def _dvc(*args: str, env: Mapping[str, str] | None = None) -> str:
@@ -109,6 +118,15 @@ def _wait_for_workers(names: list[str], jobs: int) -> None:
             logger.warning("%d of %d queue workers running, tasks waiting: starting more", running, jobs)
             _start_workers(jobs)
             stalled_polls = 0
+
+
+def _drop_stale_control_messages() -> None:
+    """Delete the control messages (ping, inspect, shutdown) waiting for queue workers, with none
+    running: DVC's file-system broker keeps those addressed to a worker that is gone, and the next worker
+    of that name (DVC numbers them 1..N) obeys them as it starts, a shutdown from an earlier
+    `dvc queue stop` included, and leaves after its first task."""
+    for message in BROKER_INBOX.glob("*.celery.pidbox.msg"):
+        message.unlink(missing_ok=True)
 
 
 def _start_workers(jobs: int) -> None:
@@ -162,6 +180,8 @@ def run_queued(grid: list[Experiment], jobs: int) -> dict[str, dict[str, list[st
         logger.info(
             "queued %d experiments (attempt %d); dvc queue start -j %d", len(pending), attempt + 1, jobs
         )
+        if not queue_state()[2]:
+            _drop_stale_control_messages()
         _start_workers(jobs)
         _wait_for_workers([e.name for e in pending], jobs)
         done = finished(show_all(), since=started)
