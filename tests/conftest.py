@@ -31,12 +31,6 @@ TINY = {  # a pipeline that runs in seconds on a CPU
 }
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first: `--dist load` deals them to the workers in turn, then hands out the short
-    ones as workers free up, so both end together instead of one waiting on the other's last long one."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def deep_update(data: dict, changes: dict) -> dict:
     for key, value in changes.items():
         data[key] = deep_update(data[key], value) if isinstance(value, dict) else value
