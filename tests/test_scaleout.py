@@ -4,9 +4,12 @@ clones through a git remote and a DVC remote. Real DVC, real training, tiny size
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 import yaml
 from conftest import runner
 
+from posconv.errors import BadInput
 from posconv.registry import model_path, train_metrics
 from posconv.tools import experiments as queue
 from posconv.tools.experiments import OWN_ERROR, finished
@@ -112,6 +116,82 @@ def test_control_messages_left_for_gone_workers_are_dropped_and_tasks_kept(
     monkeypatch.chdir(tmp_path)
     queue._drop_stale_control_messages()
     assert not stale.exists() and task.exists()
+
+
+NAP = """stages:
+  nap:
+    cmd: sleep 600 && echo done > out.txt
+    params: [p]
+    outs: [out.txt]
+"""
+
+
+def test_a_task_left_running_by_a_killed_grid_is_failed_and_cleared_before_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker and stage killed with SIGKILL mid-task leave the task "Running" with no worker; the next
+    grid's start marks it failed through DVC (`dvc queue kill`) and clears it, and `dvc exp show` reads
+    the repository again once the dead task's workspace is gone. Real DVC queue, a stage that sleeps."""
+    sh = runner(tmp_path)
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    (tmp_path / "dvc.yaml").write_text(NAP)
+    (tmp_path / "params.yaml").write_text("p: 1\n")
+    sh("git", "add", "-A")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "nap")
+    sh("dvc", "exp", "run", "--queue", "-n", "nap-1", "-S", "p=2")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    queue._start_workers(1)  # not through a pipe: the worker keeps it open
+    run_dir = tmp_path / ".dvc/tmp/exps/run"
+    for _ in range(60):  # the stage's process is recorded as it starts
+        if [*run_dir.glob("*/*.json")] and "Running" in sh("dvc", "queue", "status").stdout:
+            break
+        time.sleep(1)
+    stage = os.getpgid(json.loads(next(run_dir.glob("*/*.json")).read_text())["pid"])
+    assert stage != os.getpgrp()  # the task runs in a process group of its own
+    os.killpg(stage, signal.SIGKILL)
+    for worker in Path("/proc").glob("[0-9]*"):
+        if _is_worker_in(worker, tmp_path):
+            os.kill(int(worker.name), signal.SIGKILL)
+    next(run_dir.glob("*/*.run")).unlink()  # the workspace's info file gone, as after a cleanup
+    assert queue.queue_state() == ({"nap-1": ["Running"]}, 0, 0)
+    assert queue.VANISHED_WORKSPACE.search(sh("dvc", "exp", "show", "--json", check=False).stderr)
+    queue._fail_dead_entries()
+    assert queue.queue_state()[0] == {"nap-1": ["Failed"]}
+    sh("dvc", "queue", "remove", "--failed")
+    assert sh("git", "rev-parse", "HEAD").stdout.strip() in {commit["rev"] for commit in queue.show_all()}
+
+
+def _is_worker_in(process: Path, directory: Path) -> bool:
+    """Whether /proc/<pid> is a DVC queue worker of the repository in `directory`."""
+    try:
+        command = (process / "cmdline").read_bytes().split(b"\0")
+        return b"queue-worker" in command and Path(os.readlink(process / "cwd")) == directory
+    except OSError:  # exited meanwhile, or not ours to read
+        return False
+
+
+def test_exp_show_is_asked_again_while_a_task_workspace_vanishes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC's crash on a finishing task's info file is asked again (and succeeds once the task's result
+    is stored); any other failure, or the crash past `SHOW_ATTEMPTS`, is one error line."""
+    crash = "ERROR: unexpected error - [Errno 2] No such file or directory: '/r/.dvc/tmp/exps/run/ab/ab.run'"
+    answers: list[tuple[int, str, str]] = []
+    monkeypatch.setattr(queue, "POLL_S", 0)
+    monkeypatch.setattr(
+        queue, "_run_dvc", lambda *args: subprocess.CompletedProcess(["dvc", *args], *answers.pop(0))
+    )
+    answers[:] = [(255, "", crash), (255, "", crash), (0, "[]", "")]
+    assert queue.show_all() == [] and not answers
+    answers[:] = [(255, "", crash)] * queue.SHOW_ATTEMPTS
+    with pytest.raises(BadInput, match=r"^dvc exp show --json failed: ERROR: unexpected error"):
+        queue.show_all()
+    assert not answers
+    answers[:] = [(255, "", "ERROR: not a git repository"), (0, "[]", "")]
+    with pytest.raises(BadInput, match="not a git repository"):
+        queue.show_all()
+    assert len(answers) == 1  # not asked again
 
 
 FAILED_RUN = "ERROR: failed to reproduce 'train_coordbias': failed to run: python -m posconv.stages.train"

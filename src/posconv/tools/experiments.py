@@ -17,6 +17,10 @@ The queue's known problems, and what happens to each here:
   still land; any other failure (a command not found, a killed stage, the repo's lock) is retried;
 - a retry clears the queue, and with it the logs of the experiments that finished: what each of them
   ran and what the run-cache served is read from its log as soon as it finishes;
+- a grid that was killed leaves its tasks "Running" with no worker, and `dvc exp show` crashes on such an
+  entry once its workspace is gone ("No such file ... .run"); it does so too, for a moment, on a task
+  that just finished: a grid starts by failing the dead entries (`dvc queue kill`, `_fail_dead_entries`),
+  and `exp show` is asked again while it fails that way (`_exp_show`);
 - names are unique per baseline commit: an older experiment of the same name is removed before the
   grid is queued (`dvc exp remove`), and only experiments that finished after the grid started count.
   Not `--force`: DVC passes it on as `reproduce(force=True)`, which runs every stage again even where
@@ -45,6 +49,7 @@ logger = logging.getLogger(__name__)
 RETRIES = 2
 POLL_S = 2.0
 STALL_POLLS = 5
+SHOW_ATTEMPTS = 5
 BROKER_INBOX = Path(".dvc/tmp/exps/celery/broker/in")  # DVC 3's queue broker, from the repository root
 
 
@@ -78,12 +83,34 @@ def _run_dvc(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Com
         return subprocess.CompletedProcess(["dvc", *args], returncode, out.read(), err.read())
 
 
-def _dvc(*args: str, env: Mapping[str, str] | None = None) -> str:
-    result = _run_dvc(*args, env=env)
+def _checked(result: subprocess.CompletedProcess) -> str:
+    """The output of a `dvc` command that succeeded; else its last line, as one `BadInput` line."""
     if result.returncode:
         last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
-        raise BadInput(f"dvc {' '.join(args[:3])} failed: {last}")
+        raise BadInput(f"{' '.join(result.args[:4])} failed: {last}")
     return result.stdout
+
+
+def _dvc(*args: str, env: Mapping[str, str] | None = None) -> str:
+    return _checked(_run_dvc(*args, env=env))
+
+
+VANISHED_WORKSPACE = re.compile(r"No such file or directory: '[^']*\.run'")
+
+
+def _exp_show(*args: str) -> list[dict]:
+    """`dvc exp show --json args`, asked again while it crashes on a queue task's vanished workspace:
+    DVC lists a task as running until its result is stored, and reads that task's info file (`<rev>.run`)
+    from a workspace its executor may already have removed."""
+    for _ in range(SHOW_ATTEMPTS - 1):
+        result = _run_dvc("exp", "show", "--json", *args)
+        if not (result.returncode and VANISHED_WORKSPACE.search(result.stderr)):
+            break
+        logger.info("dvc exp show: a queue task's workspace vanished, asking again")
+        time.sleep(POLL_S)
+    else:
+        result = _run_dvc("exp", "show", "--json", *args)
+    return json.loads(_checked(result))
 
 
 def queue_state() -> tuple[dict[str, list[str]], int, int]:
@@ -129,6 +156,19 @@ def _drop_stale_control_messages() -> None:
         message.unlink(missing_ok=True)
 
 
+def _fail_dead_entries() -> None:
+    """With no worker running, mark the tasks still "Running" as failed (`dvc queue kill`: their
+    processes are gone, so DVC marks them failed): a killed grid leaves them, and `dvc exp show` crashes
+    on each once its workspace is gone. The control messages left for gone workers are dropped too."""
+    states, _, running = queue_state()
+    if running:
+        return
+    _drop_stale_control_messages()
+    if dead := sorted(name for name, name_states in states.items() if "Running" in name_states):
+        logger.warning("failing queue tasks left running by a killed grid: %s", ", ".join(dead))
+        _dvc("queue", "kill", *dead)
+
+
 def _start_workers(jobs: int) -> None:
     """`dvc queue start -j jobs`, each worker's experiments with `cores // jobs` threads."""
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -160,7 +200,7 @@ def stages_run(name: str) -> dict[str, list[str]]:
 
 def _remove_older(names: list[str]) -> None:
     """Remove the experiments of the current commit that bear any of `names` (a re-run of a grid)."""
-    shown = json.loads(_dvc("exp", "show", "--json"))
+    shown = _exp_show()
     existing = {r["name"] for c in shown for e in c.get("experiments") or [] for r in e["revs"]}
     if older := sorted(existing & set(names)):
         _dvc("exp", "remove", *older)
@@ -173,6 +213,7 @@ def run_queued(grid: list[Experiment], jobs: int) -> dict[str, dict[str, list[st
     started = datetime.datetime.now().replace(microsecond=0)
     pending, failures, stages = list(grid), {}, {}
     for attempt in range(RETRIES + 1):
+        _fail_dead_entries()
         _dvc("queue", "remove", "--queued", "--failed", "--success")
         _remove_older([e.name for e in pending])
         for experiment in pending:
@@ -180,8 +221,6 @@ def run_queued(grid: list[Experiment], jobs: int) -> dict[str, dict[str, list[st
         logger.info(
             "queued %d experiments (attempt %d); dvc queue start -j %d", len(pending), attempt + 1, jobs
         )
-        if not queue_state()[2]:
-            _drop_stale_control_messages()
         _start_workers(jobs)
         _wait_for_workers([e.name for e in pending], jobs)
         done = finished(show_all(), since=started)
@@ -216,7 +255,7 @@ def stop_queue() -> None:
 
 def show_all() -> list[dict]:
     """`dvc exp show --json --all-commits`: every experiment of every commit."""
-    return json.loads(_dvc("exp", "show", "--json", "--all-commits"))
+    return _exp_show("--all-commits")
 
 
 class Finished(NamedTuple):
