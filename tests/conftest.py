@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -97,11 +98,22 @@ def sh(project: Path) -> Callable[..., subprocess.CompletedProcess]:
 
 @pytest.fixture(scope="session")
 def reproduced_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny project after `dvc repro` of the card, results committed: built once per test process for
-    the tests that only need results to start from (each gets its own copy, `reproduced`)."""
-    directory = make_project(tmp_path_factory.mktemp("reproduced") / "project")
-    (directory.parent / "repro.out").write_text(runner(directory)("dvc", "repro").stdout)  # what it ran
-    commit(directory, "tiny results")
+    """A tiny project after `dvc repro` of the card, results committed, for the tests that only need
+    results to start from (each gets its own copy, `reproduced`): built once per test run, by the first
+    test process (xdist worker) that needs it, under a lock the others wait on. `repro.out` (what the
+    repro ran) is written last: a build that failed midway is started again."""
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # the run's directory, above each worker's own
+    directory, ran = shared / "reproduced" / "project", shared / "reproduced" / "repro.out"
+    with (shared / "reproduced.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ran.exists():
+            shutil.rmtree(directory.parent, ignore_errors=True)
+            make_project(directory)
+            output = runner(directory)("dvc", "repro").stdout
+            commit(directory, "tiny results")
+            ran.write_text(output)
     return directory
 
 
