@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from warm import run_module
 
 from posconv.model import FCN, ModelSpec, save_model
@@ -19,8 +17,7 @@ from posconv.scenes import draw_scenes
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
     """`python -m posconv.stages.evaluate args`, a process of its own (`warm`)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return run_module(Path.cwd(), "posconv.stages.evaluate", *args, env=env)
+    return run_module(Path.cwd(), "posconv.stages.evaluate", *args)
 
 
 @pytest.fixture

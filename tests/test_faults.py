@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 from warm import run_module
 
 Edit = Callable[[Path], None]
@@ -29,8 +27,7 @@ def digest(directory: Path) -> dict[str, str]:
 
 def run(directory: Path, module: str, *args: str) -> subprocess.CompletedProcess[str]:
     """`python -m module args` in `directory`, this checkout's code: a process of its own (`warm`)."""
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT / "src")}
-    return run_module(directory, module, *args, env=env)
+    return run_module(directory, module, *args)
 
 
 def replace_in(path: str, old: str, new: str) -> Edit:

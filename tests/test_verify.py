@@ -4,7 +4,6 @@ committed project (its metrics, locks and tolerances) in a fresh git repository.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -18,8 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def verify(checkout: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DVC_NO_ANALYTICS": "1"}
-    return run_module(checkout, "posconv.tools.verify", *args, env=env, timeout=120)
+    return run_module(checkout, "posconv.tools.verify", *args, timeout=120)
 
 
 def edit_json(path: Path, change: dict) -> None:

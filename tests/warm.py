@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import select
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 STARTUP_VARIABLES = ("PYTHON", "PYTORCH", "TORCH", "ATEN_", "OMP_", "MKL", "KMP_", "DNNL_", "ONEDNN_", "LD_")
+SOURCES = Path(__file__).resolve().parents[1] / "src"
 PRELOAD = ("torch", "numpy", "posconv.figures", "posconv.engine", "posconv.compare", "dvc.repo")
 
 SERVER = r"""
@@ -83,9 +85,12 @@ def _reply(server: subprocess.Popen, timeout: float) -> str:
 
 
 def run_module(
-    cwd: Path, module: str, *args: str, env: Mapping[str, str], timeout: int = 300
+    cwd: Path, module: str, *args: str, env: Mapping[str, str] | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m module args` in `cwd` with `env`, as a forked child of the warm server."""
+    """`python -m module args` in `cwd` with `env` (by default this one, with this checkout's sources
+    on the path), as a forked child of the warm server."""
+    if env is None:
+        env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(SOURCES)}
     server = _server(env)
     with tempfile.TemporaryDirectory() as directory:
         out, err = Path(directory, "stdout"), Path(directory, "stderr")
