@@ -145,10 +145,12 @@ def test_a_task_left_running_by_a_killed_grid_is_failed_and_cleared_before_the_n
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     queue._start_workers(1)  # not through a pipe: the worker keeps it open
     run_dir = tmp_path / ".dvc/tmp/exps/run"
-    for _ in range(60):  # the stage's process is recorded as it starts
+    for _ in range(120):  # the stage's process is recorded as it starts
         if [*run_dir.glob("*/*.json")] and "Running" in sh("dvc", "queue", "status").stdout:
             break
         time.sleep(1)
+    else:
+        pytest.fail("the queue's worker did not start the task within 120 polls")
     stage = os.getpgid(json.loads(next(run_dir.glob("*/*.json")).read_text())["pid"])
     assert stage != os.getpgrp()  # the task runs in a process group of its own
     os.killpg(stage, signal.SIGKILL)
