@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from posconv.model import load_model
+from posconv.stages.train import live_log
 
 TIMING_KEYS = {"wall_time_s", "train_images_per_s", "peak_memory_mb"}
 
@@ -131,3 +133,31 @@ def test_sigterm_to_dvc_repro_ends_the_training_it_started(prepared: Path, sh: C
     _, alive = psutil.wait_procs(children, timeout=30)  # 100,000 epochs: ended, not finished
     assert not alive, [child.cmdline() for child in alive]
     assert leftovers(prepared, "vanilla") == []
+
+
+def test_an_interrupt_inside_a_dvclive_step_ends_the_logging_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM becomes a KeyboardInterrupt wherever the stage is. Landing in DVCLive's `next_step`
+    after it made its Studio queue but before it started the queue's worker (here: the worker's start
+    interrupted), `with Live(...)` ended the run on the way out and waited on that queue forever."""
+    ended: list[BaseException] = []
+
+    def block() -> None:
+        try:
+            with live_log(tmp_path / "live") as live:
+                live.log_metric("val/loss", 1.0)
+                monkeypatch.setattr(threading.Thread, "start", interrupted)
+                live.next_step()
+        except BaseException as error:  # what the block raised is the result
+            ended.append(error)
+
+    def interrupted(thread: threading.Thread) -> None:
+        raise KeyboardInterrupt("signal 15")
+
+    runner = threading.Thread(target=block, daemon=True)
+    runner.start()
+    runner.join(timeout=30)
+    monkeypatch.undo()
+    assert not runner.is_alive(), "the logging block hung after the interrupt"
+    assert [type(error) for error in ended] == [KeyboardInterrupt]

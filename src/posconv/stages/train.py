@@ -15,6 +15,8 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +44,17 @@ from posconv.stages import run_stage
 
 logger = logging.getLogger(__name__)
 POSITION_RECALL_TARGET = 0.9
+
+
+@contextmanager
+def live_log(directory: Path) -> Iterator[Live]:
+    """DVCLive logging into `directory`, ended (summary, report) only when the block succeeds. A failed
+    or interrupted stage discards the folder anyway, and `with Live(...)` would end it there too: an
+    interrupt that lands in `next_step` after DVCLive made its Studio queue but before it started the
+    queue's worker left that end waiting on the queue forever (dvclive 3.49: a stage that never exits)."""
+    live = Live(str(directory), dvcyaml=False, save_dvc_exp=False)
+    yield live
+    live.end()
 
 
 class LiveLog:
@@ -151,7 +164,7 @@ def train_rank(layer: str, params: Params, world: World, device: torch.device) -
         train(trained, train_data, val_data, settings, NoLog(), settings.val_every, settings.batch_size)
         return
     with atomic_outputs(registry.model_path(layer), registry.train_dir(layer)) as (model_path, live_dir):
-        with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+        with live_log(live_dir) as live:
             log, every = LiveLog(live), settings.val_every
             result = train(trained, train_data, val_data, settings, log, every, settings.batch_size)
             live.summary.update(summary(result, model, started, device, settings.precision, world.size))

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dvclive import Live
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -64,7 +63,7 @@ from posconv.registry import (
 )
 from posconv.scenes import draw_scenes, image_stream
 from posconv.stages import run_stage
-from posconv.stages.train import LiveLog
+from posconv.stages.train import LiveLog, live_log
 
 # ---- layers ----
 
@@ -320,7 +319,7 @@ def _bare_loop(model: nn.Module, params: TrainParams, data: LabelledImages, step
 def _stage_loop(model: nn.Module, params: TrainParams, data: LabelledImages, live_dir: Path) -> float:
     """Images/s of the train stage's own loop: uint8 data on the device, indexing, DVCLive logging."""
     few = LabelledImages(data.images[:2], data.labels[:2])  # validation is timed apart by train()
-    with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+    with live_log(live_dir) as live:
         return train(
             model, data, few, params, LiveLog(live), val_every=10**9, val_batch_size=2
         ).images_per_second

@@ -102,14 +102,13 @@ def _exp_show(*args: str) -> list[dict]:
     """`dvc exp show --json args`, asked again while it crashes on a queue task's vanished workspace:
     DVC lists a task as running until its result is stored, and reads that task's info file (`<rev>.run`)
     from a workspace its executor may already have removed."""
-    for _ in range(SHOW_ATTEMPTS - 1):
+    for attempt in range(1, SHOW_ATTEMPTS + 1):
         result = _run_dvc("exp", "show", "--json", *args)
-        if not (result.returncode and VANISHED_WORKSPACE.search(result.stderr)):
+        vanished = result.returncode and VANISHED_WORKSPACE.search(result.stderr)
+        if not vanished or attempt == SHOW_ATTEMPTS:
             break
         logger.info("dvc exp show: a queue task's workspace vanished, asking again")
         time.sleep(POLL_S)
-    else:
-        result = _run_dvc("exp", "show", "--json", *args)
     return json.loads(_checked(result))
 
 
