@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, deep_update
+from conftest import ROOT
 from ruamel.yaml import YAML
 from test_faults import assert_contract, digest, run, write
 
@@ -30,27 +30,12 @@ from posconv.model import FCN, ModelSpec, save_model
 Edit = Callable[[Path], None]
 
 
-@pytest.fixture(scope="module")
-def ran(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny project (no git, no DVC) whose stages have all run once, in the pipeline's order."""
-    directory = tmp_path_factory.mktemp("ran")
-    shutil.copytree(ROOT / "src", directory / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    params = deep_update(YAML(typ="safe").load((ROOT / "params.yaml").read_text()), TINY)
-    YAML().dump(params, directory / "params.yaml")
-    for command in (
-        ["posconv.stages.generate"],
-        ["posconv.stages.split"],
-        *(["posconv.stages.train", layer] for layer in ("vanilla", "coordbias", "coordconv")),
-    ):
-        result = run(directory, *command)
-        assert result.returncode == 0, result.stderr
-    return directory
-
-
 @pytest.fixture
-def project(ran: Path, tmp_path: Path) -> Path:
-    """A fresh copy of the project that has run, for one case to break."""
-    shutil.copytree(ran, tmp_path / "p")
+def project(reproduced_template: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the reproduced tiny project without its git and DVC records (the stages run
+    alone, as a user runs them), for one case to break."""
+    records = shutil.ignore_patterns(".git", ".dvc", "dvc.lock")
+    shutil.copytree(reproduced_template, tmp_path / "p", symlinks=True, ignore=records)
     return tmp_path / "p"
 
 

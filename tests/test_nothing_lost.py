@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -194,6 +195,44 @@ def test_class1_a_signal_to_dvc_repro_mid_training_keeps_the_previous_model_and_
     assert "train_vanilla" in status and "train" in status and "data/" not in status, status
     params.write_text(original)
     assert "up to date" in run("dvc", "status", "train_vanilla").stdout
+
+
+HANGING_CLEAN_UP = """
+import sys, threading, time
+from posconv import cli
+cli.CLEAN_UP_S = 2
+def main(argv):
+    try:
+        print("working", flush=True)
+        time.sleep(600)
+    finally:
+        threading.Event().wait()  # a clean-up (a library's exit) that never ends
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_class1_an_interrupted_run_whose_clean_up_hangs_still_ends(sig: signal.Signals) -> None:
+    """However a library's clean-up hangs (DVCLive's exit once waited on a queue forever after a
+    SIGTERM), a stage or tool ends within `cli.CLEAN_UP_S` of the signal: exit 130, one line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    process = subprocess.Popen(
+        [sys.executable, "-c", HANGING_CLEAN_UP],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline() == "working\n"
+        signalled = time.monotonic()
+        process.send_signal(sig)
+        _, errors = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert 2 <= time.monotonic() - signalled < 20
+    assert process.returncode == 130
+    assert errors.splitlines() == ["interrupted: the clean-up did not end within 2 s; exiting"]
 
 
 # ---- 4. no param reaches a shell as text ----

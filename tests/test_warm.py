@@ -57,3 +57,10 @@ def test_a_child_ends_as_a_fresh_interpreter_does(tmp_path: Path, source: str) -
     warm = run_module(tmp_path, "ending", env=env)
     assert (warm.returncode, warm.stdout) == (fresh.returncode, fresh.stdout)
     assert warm.stderr.splitlines()[-1:] == fresh.stderr.splitlines()[-1:]
+
+
+def test_a_command_past_its_timeout_is_killed(tmp_path: Path) -> None:
+    """The server kills a child at its timeout (SIGKILL: a stage's own SIGALRM handler cannot catch it)."""
+    stuck = "import signal, time\nsignal.signal(signal.SIGALRM, print)\ntime.sleep(60)\n"
+    (tmp_path / "stuck.py").write_text(stuck)
+    assert run_module(tmp_path, "stuck", timeout=1).returncode == -9

@@ -27,7 +27,7 @@ SOURCES = Path(__file__).resolve().parents[1] / "src"
 PRELOAD = ("torch", "numpy", "posconv.figures", "posconv.engine", "posconv.compare", "dvc.repo")
 
 SERVER = r"""
-import json, os, runpy, signal, sys
+import json, os, runpy, signal, sys, time
 
 for name in sys.argv[1:]:
     __import__(name)
@@ -37,11 +37,15 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:
         break
-    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+    deadline = time.monotonic() + request["timeout"]  # past it, SIGKILL ends the child (the stages
+    while not (ended := os.waitpid(pid, os.WNOHANG))[0]:  # handle SIGALRM themselves)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.005)
+    print(os.waitstatus_to_exitcode(ended[1]), flush=True)
 else:
     sys.exit()  # the test process has ended
 # the child, from here on `python -m module args`: Python itself ends it (atexit, threads, exit code)
-signal.alarm(request["timeout"])  # past it, SIGALRM ends the child
 os.chdir(request["cwd"])
 os.environ.clear()
 os.environ.update(request["env"])

@@ -21,6 +21,7 @@ from posconv.registry import DEVICE_PATTERN, INT64_MAX
 DVC_STAGE_VARIABLE = "DVC_STAGE"  # DVC sets it for every command it runs
 ELASTIC_RANK_VARIABLE = "TORCHELASTIC_RUN_ID"  # torch's elastic launcher (torchrun) sets it for every rank
 _WATCH_INTERVAL_S = 0.2
+CLEAN_UP_S = 30  # the longest an interrupted run may take to unwind (put back outputs, end threads)
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,7 +54,18 @@ def device_name(text: str) -> str:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM and SIGINT unwind like Ctrl-C, within CLEAN_UP_S: the unwinding runs library code (a
+    context manager's exit, a thread's join at shutdown) that a signal landing mid-way can leave
+    waiting forever; SIGALRM then ends the process (`_give_up`)."""
+    remaining = signal.alarm(CLEAN_UP_S)
+    if remaining:  # a later signal: the first one's deadline holds
+        signal.alarm(remaining)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _give_up(signum: int, frame: object) -> NoReturn:
+    os.write(2, f"interrupted: the clean-up did not end within {CLEAN_UP_S} s; exiting\n".encode())
+    os._exit(130)
 
 
 _SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "fish"})
@@ -102,12 +114,14 @@ def _end_with_launcher() -> None:
 
 
 def run(main: Callable[[list[str]], None], on_failure: Callable[[], None] | None = None) -> None:
-    """Run a stage's or tool's `main(argv)`; SIGTERM unwinds like Ctrl-C so atomic writes clean up.
+    """Run a stage's or tool's `main(argv)`; SIGTERM unwinds like Ctrl-C so atomic writes clean up,
+    and the process ends at most CLEAN_UP_S after the signal.
     `on_failure` runs when `main` fails in any way (a stage puts back the outputs DVC removed)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGALRM, _give_up)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # an ignored Ctrl-C stays ignored
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         _end_with_launcher()
         main(sys.argv[1:])
