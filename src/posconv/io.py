@@ -95,10 +95,15 @@ def atomic_outputs(*paths: str | Path) -> Iterator[list[Path]]:
             _remove(temp)
 
 
+def json_text(data: Any) -> str:
+    """`data` as the project's JSON files hold it: indented, one final newline."""
+    return json.dumps(data, indent=2) + "\n"
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write `data` as indented JSON, atomically."""
     with atomic_outputs(path) as (temp,):
-        temp.write_text(json.dumps(data, indent=2) + "\n")
+        temp.write_text(json_text(data))
 
 
 def read_json(path: str | Path) -> Any:

@@ -11,7 +11,6 @@ trains every arm of `coordinates.layers` for its seeds on one task and split
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 
@@ -32,7 +31,7 @@ from posconv.coordinates import (
     summarize,
     train_run,
 )
-from posconv.io import atomic_outputs, read_json, write_json
+from posconv.io import atomic_outputs, json_text, read_json, write_json
 from posconv.stages import run_stage
 
 logger = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ def write_data() -> None:
     }
     with atomic_outputs(registry.COORDINATES_DATA, registry.COORDINATES_COUNTS) as (directory, counts_path):
         sweep.save(directory)
-        counts_path.write_text(json.dumps(counts, indent=2) + "\n")
+        counts_path.write_text(json_text(counts))
     logger.info("%d examples; %s", counts["examples"], counts["splits"])
 
 

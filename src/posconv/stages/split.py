@@ -8,7 +8,6 @@ shared out in proportion, so every split holds all four classes at similar pixel
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from posconv.cli import parser
 from posconv.config import load_params
 from posconv.data import LABELS, class_pixel_counts, load_labels, save_split, stratified_split
 from posconv.errors import BadInput
-from posconv.io import atomic_outputs
+from posconv.io import atomic_outputs, json_text
 from posconv.stages import run_stage
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def main(argv: list[str]) -> None:
     metrics = split_metrics(counts, split)
     with atomic_outputs(registry.SPLIT, registry.DATA_METRICS) as (split_path, metrics_path):
         save_split(split_path, split)
-        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        metrics_path.write_text(json_text(metrics))
     logger.info(
         "split: %s images (seed %d, stratified by classes present) -> %s, %s",
         " / ".join(f"{m['images']} {name}" for name, m in metrics.items()),
