@@ -206,33 +206,59 @@ def main(argv):
         print("working", flush=True)
         time.sleep(600)
     finally:
-        threading.Event().wait()  # a clean-up (a library's exit) that never ends
-cli.run(main)
+        while True:  # a clean-up (a library's exit) that never ends
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                if sys.argv[1:] == ["interruptible"]:
+                    raise
+cli.run(main, on_failure=lambda: print("put back", flush=True))
 """
+LATE = "a clean-up still waited 2 s after the signal"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_class1_an_interrupted_run_whose_clean_up_hangs_still_ends(sig: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    ("sig", "clean_up", "put_back", "line"),
+    [
+        (
+            signal.SIGTERM,
+            "interruptible",
+            True,
+            "no output written (a clean-up still waited 2 s after the signal)",
+        ),
+        (
+            signal.SIGINT,
+            "interruptible",
+            True,
+            "no output written (a clean-up still waited 2 s after the signal)",
+        ),
+        (signal.SIGTERM, "stubborn", False, "the clean-up did not end within 4 s; exiting"),
+    ],
+)
+def test_class1_an_interrupted_run_whose_clean_up_hangs_still_ends(
+    sig: signal.Signals, clean_up: str, put_back: bool, line: str
+) -> None:
     """However a library's clean-up hangs (DVCLive's exit once waited on a queue forever after a
-    SIGTERM), a stage or tool ends within `cli.CLEAN_UP_S` of the signal: exit 130, one line."""
+    SIGTERM), a stage or tool ends: `cli.CLEAN_UP_S` after the signal the wait it is stuck in is
+    interrupted and the outputs are still put back; a wait that swallows that too ends the process at
+    twice the deadline. Exit 130 and one line either way."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     process = subprocess.Popen(
-        [sys.executable, "-c", HANGING_CLEAN_UP],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+        [sys.executable, "-c", HANGING_CLEAN_UP, clean_up], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    )  # fmt: skip
     try:
         assert process.stdout.readline() == "working\n"
         signalled = time.monotonic()
         process.send_signal(sig)
-        _, errors = process.communicate(timeout=30)
+        output, errors = process.communicate(timeout=30)
     finally:
         process.kill()
     assert 2 <= time.monotonic() - signalled < 20
     assert process.returncode == 130
-    assert errors.splitlines() == ["interrupted: the clean-up did not end within 2 s; exiting"]
+    assert (output == "put back\n") == put_back
+    assert errors.splitlines() == [f"interrupted: {line}"]
 
 
 # ---- 4. no param reaches a shell as text ----

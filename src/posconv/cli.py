@@ -4,6 +4,7 @@ never a traceback; an interrupted run exits 130 and leaves the previous outputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -21,7 +22,7 @@ from posconv.registry import DEVICE_PATTERN, INT64_MAX
 DVC_STAGE_VARIABLE = "DVC_STAGE"  # DVC sets it for every command it runs
 ELASTIC_RANK_VARIABLE = "TORCHELASTIC_RUN_ID"  # torch's elastic launcher (torchrun) sets it for every rank
 _WATCH_INTERVAL_S = 0.2
-CLEAN_UP_S = 30  # the longest an interrupted run may take to unwind (put back outputs, end threads)
+CLEAN_UP_S = 30  # seconds an interrupted run may take to unwind (put back outputs, end threads)
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,18 +54,37 @@ def device_name(text: str) -> str:
     return text
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM and SIGINT unwind like Ctrl-C, within CLEAN_UP_S: the unwinding runs library code (a
-    context manager's exit, a thread's join at shutdown) that a signal landing mid-way can leave
-    waiting forever; SIGALRM then ends the process (`_give_up`)."""
+class Overdue(KeyboardInterrupt):
+    """The unwinding after an interrupt still waited CLEAN_UP_S after the signal."""
+
+
+def start_clean_up_deadline() -> None:
+    """Give the unwinding after an interrupt CLEAN_UP_S: library code runs in it (a context manager's
+    exit, a thread's join at shutdown) that a signal landing mid-way can leave waiting forever, as
+    DVCLive's exit once did. A deadline already running holds."""
     remaining = signal.alarm(CLEAN_UP_S)
-    if remaining:  # a later signal: the first one's deadline holds
+    if remaining:
         signal.alarm(remaining)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    start_clean_up_deadline()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _give_up(signum: int, frame: object) -> NoReturn:
-    os.write(2, f"interrupted: the clean-up did not end within {CLEAN_UP_S} s; exiting\n".encode())
+_overdue_raised = False
+
+
+def _overdue(signum: int, frame: object) -> None:
+    """SIGALRM at the deadline. The first raises `Overdue` into the wait the unwinding is stuck in (a
+    lock, a queue, a join: Python interrupts those), so that the outputs DVC removed are still put
+    back, and allows CLEAN_UP_S more; the second ends the process (one line, exit 130)."""
+    global _overdue_raised
+    if not _overdue_raised:
+        _overdue_raised = True
+        signal.alarm(CLEAN_UP_S)
+        raise Overdue(f"a clean-up still waited {CLEAN_UP_S} s after the signal")
+    os.write(2, f"interrupted: the clean-up did not end within {2 * CLEAN_UP_S} s; exiting\n".encode())
     os._exit(130)
 
 
@@ -115,11 +135,11 @@ def _end_with_launcher() -> None:
 
 def run(main: Callable[[list[str]], None], on_failure: Callable[[], None] | None = None) -> None:
     """Run a stage's or tool's `main(argv)`; SIGTERM unwinds like Ctrl-C so atomic writes clean up,
-    and the process ends at most CLEAN_UP_S after the signal.
+    within a deadline (`start_clean_up_deadline`, `_overdue`).
     `on_failure` runs when `main` fails in any way (a stage puts back the outputs DVC removed)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGALRM, _give_up)
+    signal.signal(signal.SIGALRM, _overdue)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # an ignored Ctrl-C stays ignored
         signal.signal(signal.SIGINT, _interrupt)
     try:
@@ -127,11 +147,15 @@ def run(main: Callable[[list[str]], None], on_failure: Callable[[], None] | None
         main(sys.argv[1:])
     except BaseException as failure:
         if on_failure and not (isinstance(failure, SystemExit) and failure.code in (0, None)):
-            on_failure()
+            with contextlib.suppress(
+                KeyboardInterrupt
+            ):  # a deadline or a signal cut it short: what is back stays
+                on_failure()
         if isinstance(failure, BadInput):
             print(f"error: {failure}", file=sys.stderr)
             sys.exit(2)
         if isinstance(failure, KeyboardInterrupt):
-            print("interrupted: no output written", file=sys.stderr)
+            late = f" ({failure})" if isinstance(failure, Overdue) else ""
+            print(f"interrupted: no output written{late}", file=sys.stderr)
             sys.exit(130)
         raise

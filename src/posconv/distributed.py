@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from posconv.cli import start_clean_up_deadline
 from posconv.errors import BadInput
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -328,7 +329,8 @@ def launch(entrypoint: Callable[..., Any] | str, args: Sequence[Any], processes:
             config.shutdown_timeout = SHUTDOWN_S
         try:
             results = elastic_launch(config, entrypoint)(*args)
-        except SignalException:
+        except SignalException:  # the agent's own handler caught SIGTERM or SIGINT: unwind as cli's would
+            start_clean_up_deadline()
             raise KeyboardInterrupt("launcher signalled") from None
         except ChildFailedError as failed:
             raise _failure_error(failed.failures, processes, logs) from None

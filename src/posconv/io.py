@@ -70,7 +70,8 @@ def atomic_outputs(*paths: str | Path) -> Iterator[list[Path]]:
 
     A failure (or Ctrl-C, or SIGTERM) inside the block removes the temporaries and leaves the old
     outputs alone; temporaries of earlier killed runs are removed first. The commit (`_commit`) runs
-    with SIGINT and SIGTERM blocked and leaves either the old set of outputs or the new one, whole.
+    with SIGINT, SIGTERM and SIGALRM (`cli`'s clean-up deadline) blocked and leaves either the old set
+    of outputs or the new one, whole.
     An output folder that cannot be written (read-only, full) is one `BadInput` line, old outputs kept.
     """
     finals = [Path(p) for p in paths]
@@ -80,7 +81,7 @@ def atomic_outputs(*paths: str | Path) -> Iterator[list[Path]]:
             final.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(final)
         yield temps
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGALRM})
         try:
             _commit(finals, temps)
         finally:
