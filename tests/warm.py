@@ -37,8 +37,9 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:
         break
-    deadline = time.monotonic() + request["timeout"]  # past it, SIGKILL ends the child (the stages
-    while not (ended := os.waitpid(pid, os.WNOHANG))[0]:  # handle SIGALRM themselves)
+    # past the timeout SIGKILL ends the child (from here: the stages handle SIGALRM themselves)
+    deadline = time.monotonic() + request["timeout"]
+    while not (ended := os.waitpid(pid, os.WNOHANG))[0]:
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.005)
